@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine:
+#   make train   the main job (DATA_DIR=... for a local copy of CIFAR-10, else TFDS downloads it)
+#   make test    lint + format check + the whole test suite (slow tests included)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RECIPE ?= app/configs/cifar10_cpu_quick.flags
+MODEL_DIR ?= runs/cpu_quick
+DATA_DIR ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv train test test-fast lint format bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+train: venv
+	$(PY) -m app.train --flagfile=$(RECIPE) --model_dir=$(MODEL_DIR) \
+		$(if $(DATA_DIR),--data_dir=$(DATA_DIR))
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: lint
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: venv
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

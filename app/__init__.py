@@ -1,0 +1,1 @@
+"""Command-line programs (absl): train, evaluate, predict, export, visualize."""

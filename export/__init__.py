@@ -1,0 +1,1 @@
+"""SavedModel + serving signatures, TFLite/LiteRT conversion, parity checks."""

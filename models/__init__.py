@@ -1,0 +1,1 @@
+"""The network: residual blocks, stacks, ResNet builders, pretrained weights."""

@@ -1,0 +1,222 @@
+"""Pretrained-weight loading for the ResNet builders.
+
+Sources, matched to the model by layer name:
+- "imagenet": the Keras Applications ResNet-50/101/152 ImageNet weights
+  (downloaded and cached by `keras.utils.get_file`, as `keras.applications` does).
+- a legacy Keras `.h5` file in the same layout (what Keras Applications ships,
+  or `keras.applications.ResNet50(...).save("x.h5")`): their convolutions
+  carry biases, which fold exactly into the following batch norm,
+  BN(conv(x) + b) == BN'(conv(x)) with moving_mean' = moving_mean - b.
+- a `.keras` model file (e.g. an earlier `best.keras`).
+- a Keras 3 `.weights.h5` file of the same architecture (matched by structure,
+  since Keras 3 names its groups by class, not by layer).
+
+The head (`predictions`) is loaded only when it exists in both and its shape
+fits; otherwise it stays freshly initialised, which is how fine-tuning starts.
+Every other layer must fit exactly, or `WeightsError` names the file and the
+first layer that does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import h5py
+import keras
+import numpy as np
+
+_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+# (with top, without top) md5 hashes, as in keras/src/applications/resnet.py.
+_IMAGENET_HASHES = {
+    "resnet50": ("2cb95161c43110f7111970584f804107", "4d473c1dd8becc155b73f8504c6f6626"),
+    "resnet101": ("f1aeb4b969a6efcfb50fad2f0c20cfc5", "88cf7a10940856eca736dc7b7e228a21"),
+    "resnet152": ("100835be76be38e30d865e96f2aaae62", "ee4c566cf9a93f14d82f913c2dc6dd0c"),
+}
+IMAGENET_CLASSES = 1000
+HEAD = "predictions"
+
+
+class WeightsError(ValueError):
+    """A weights source that cannot be loaded into the model."""
+
+
+def imagenet_weights_path(arch: str, include_top: bool) -> str:
+    """Downloads (once, into ~/.keras/models) the Keras Applications weights."""
+    if arch not in _IMAGENET_HASHES:
+        raise WeightsError(
+            f"no ImageNet weights for {arch!r}: Keras Applications has them for "
+            f"{', '.join(_IMAGENET_HASHES)}; use weights=None or a weights file"
+        )
+    suffix = "" if include_top else "_notop"
+    fname = f"{arch}_weights_tf_dim_ordering_tf_kernels{suffix}.h5"
+    return keras.utils.get_file(
+        fname,
+        _BASE_URL + fname,
+        cache_subdir="models",
+        file_hash=_IMAGENET_HASHES[arch][0 if include_top else 1],
+    )
+
+
+def _is_legacy_h5(path: str) -> bool:
+    if path.endswith(".weights.h5"):
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return "layer_names" in f.attrs or "model_weights" in f
+    except OSError:
+        return False
+
+
+def _keras_config_stride_on(path: str) -> str | None:
+    """Reads the stride placement of a `.keras` ResNet from its config.json."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
+        return None
+    for layer in config.get("config", {}).get("layers", []):
+        if layer.get("name") == "conv3_block1_1_conv":
+            return "1x1" if tuple(layer["config"]["strides"]) == (2, 2) else "3x3"
+    return None
+
+
+def default_stride_on(weights: str | None) -> str:
+    """The layout the weights were trained with: "1x1" for Keras Applications, else "3x3"."""
+    if weights == "imagenet":
+        return "1x1"
+    if weights and os.path.exists(weights):
+        if weights.endswith(".keras"):
+            return _keras_config_stride_on(weights) or "3x3"
+        if _is_legacy_h5(weights):
+            return "1x1"
+    return "3x3"
+
+
+def _read_legacy_h5(path: str) -> dict[str, list[np.ndarray]]:
+    with h5py.File(path, "r") as f:
+        group = f.get("model_weights", f)
+        if "layer_names" not in group.attrs:
+            raise WeightsError(f"{path}: not a Keras weights file (no 'layer_names')")
+        out = {}
+        for raw_name in group.attrs["layer_names"]:
+            name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+            layer = group[name]
+            weight_names = [
+                w.decode() if isinstance(w, bytes) else str(w)
+                for w in layer.attrs.get("weight_names", [])
+            ]
+            if weight_names:
+                out[name] = [np.asarray(layer[w]) for w in weight_names]
+        return out
+
+
+def _read_keras_file(path: str) -> dict[str, list[np.ndarray]]:
+    source = keras.saving.load_model(path, compile=False)
+    return {layer.name: layer.get_weights() for layer in source.layers if layer.weights}
+
+
+def read_layer_weights(path: str) -> dict[str, list[np.ndarray]]:
+    """Reads `{layer name: [arrays]}` from a legacy `.h5` or a `.keras` file."""
+    if not os.path.exists(path):
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.endswith(".keras"):
+            return _read_keras_file(path)
+        return _read_legacy_h5(path)
+    except WeightsError:
+        raise
+    except Exception as e:  # h5py/zip/Keras raise many types for a corrupt file
+        raise WeightsError(
+            f"{path}: cannot read weights ({type(e).__name__}: {e}); "
+            "expected a Keras .h5 weights file or a .keras model"
+        ) from e
+
+
+def _fit(path: str, layer: keras.Layer, arrays: list[np.ndarray]) -> None:
+    expected = [tuple(w.shape) for w in layer.weights]
+    got = [tuple(a.shape) for a in arrays]
+    if expected != got:
+        raise WeightsError(
+            f"{path} does not fit the model: layer {layer.name!r} expects weights of "
+            f"shapes {expected}, the file has {got}"
+        )
+    layer.set_weights(arrays)
+
+
+def assign_layer_weights(
+    model: keras.Model, source: dict[str, list[np.ndarray]], path: str
+) -> list[str]:
+    """Sets every layer of `model` from `source`, folding conv biases into batch norm.
+
+    Returns:
+        Names of the layers left freshly initialised (only the head can be).
+    """
+    pending_bias: dict[str, np.ndarray] = {}
+    used, skipped = set(), []
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        arrays = source.get(layer.name)
+        if layer.name == HEAD:
+            if arrays is not None and [tuple(a.shape) for a in arrays] == [
+                tuple(w.shape) for w in layer.weights
+            ]:
+                layer.set_weights(arrays)
+                used.add(layer.name)
+            else:
+                skipped.append(layer.name)
+            continue
+        if arrays is None:
+            raise WeightsError(
+                f"{path} does not fit the model: it has no weights for layer {layer.name!r}"
+            )
+        used.add(layer.name)
+        arrays = [np.asarray(a) for a in arrays]
+        if isinstance(layer, keras.layers.Conv2D) and not layer.use_bias and len(arrays) == 2:
+            kernel, bias = arrays
+            pending_bias[layer.name.removesuffix("_conv") + "_bn"] = bias
+            arrays = [kernel]
+        elif isinstance(layer, keras.layers.BatchNormalization) and layer.name in pending_bias:
+            gamma, beta, mean, var = arrays
+            arrays = [gamma, beta, mean - pending_bias.pop(layer.name), var]
+        _fit(path, layer, arrays)
+    if pending_bias:
+        raise WeightsError(
+            f"{path}: cannot fold the bias of {sorted(pending_bias)[0]!r}: "
+            "no batch norm follows it in the model"
+        )
+    extra = [name for name in source if name not in used and name != HEAD]
+    if extra:
+        raise WeightsError(
+            f"{path} does not fit the model: it has weights for layer {extra[0]!r}, "
+            "which the model lacks (a deeper network?)"
+        )
+    return skipped
+
+
+def load_into(model: keras.Model, weights: str, arch: str) -> list[str]:
+    """Loads `weights` ("imagenet" or a path) into `model`; see the module docstring.
+
+    Returns:
+        Names of the layers left freshly initialised.
+    """
+    if weights == "imagenet":
+        has_top = any(layer.name == HEAD for layer in model.layers)
+        top = has_top and model.get_layer(HEAD).units == IMAGENET_CLASSES
+        path = imagenet_weights_path(arch, include_top=top)
+    else:
+        path = os.fspath(weights)
+    if path.endswith(".weights.h5"):
+        if not os.path.exists(path):
+            raise WeightsError(f"weights file not found: {path}")
+        try:
+            model.load_weights(path)
+        except Exception as e:
+            raise WeightsError(
+                f"{path} does not fit the model ({type(e).__name__}: {e}); a Keras 3 "
+                ".weights.h5 file must come from the same architecture"
+            ) from e
+        return []
+    return assign_layer_weights(model, read_layer_weights(path), path)
