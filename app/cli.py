@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app  # noqa: E402
+from absl import app
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
