@@ -28,6 +28,7 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide outputs from e.g. a TF Serving user
     try:
         yield tmp
         os.replace(tmp, path)

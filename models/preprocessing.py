@@ -63,6 +63,7 @@ class Preprocessing:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".preprocessing.")
         with os.fdopen(fd, "w") as f:
             f.write(self.to_json() + "\n")
+        os.chmod(tmp, 0o644)  # readable like any other output, not mkstemp's 0600
         os.replace(tmp, path)
         return path
 

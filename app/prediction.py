@@ -1,0 +1,342 @@
+"""Top-k classification of image files with a Keras, SavedModel or TFLite model.
+
+The three formats share one image path: decode (JPEG/PNG/GIF/BMP/WebP, grayscale and RGBA
+to RGB), then resize float pixels with bilinear `tf.image.resize` to the model's image size,
+exactly as the data pipeline and the exported graphs do, so they agree on the top-1 class.
+
+Example:
+
+    from app import prediction
+    predictor = prediction.load_predictor("runs/cpu_quick/best.keras")
+    image = prediction.read_image("cat.jpg")
+    print(prediction.top_k(predictor.predict([image])[0], predictor.class_names, k=3))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from app.common import LABELS_FILE, UsageError, load_model_bundle, read_labels
+
+KERAS_SUFFIX = ".keras"
+TFLITE_SUFFIX = ".tflite"
+# Images per Keras call: bounds memory for long file lists.
+KERAS_BATCH = 64
+TFLITE_THREADS = 2
+
+
+class ImageError(ValueError):
+    """An input file that cannot be read as an image; names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One class of a top-k answer."""
+
+    index: int
+    name: str
+    probability: float
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decodes an image file to uint8 RGB `[h, w, 3]`.
+
+    JPEG, PNG, GIF (first frame), BMP and WebP; grayscale is repeated to three channels and
+    an alpha channel is dropped, as the SavedModel's `serving_bytes` signature does.
+
+    Raises:
+        ImageError: the file is missing or is not a decodable image.
+    """
+    import tensorflow as tf
+
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
+        raise ImageError(f"{path}: not a readable image ({_tf_message(e)})") from e
+    return image.numpy()
+
+
+def _tf_message(error: Exception) -> str:
+    """The useful part of a TF op error ("Unknown image file format. ...")."""
+    message = getattr(error, "message", str(error))
+    message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)
+    return re.sub(r"\s*\[Op:\w+\]", "", message).strip()
+
+
+def resize(image: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 `[h, w, 3]` to float32 `[image_size, image_size, 3]` pixels 0..255.
+
+    Bilinear `tf.image.resize` of float pixels without antialiasing: the same op the data
+    pipeline and the exported graphs use.
+    """
+    import tensorflow as tf
+
+    pixels = tf.cast(image, tf.float32)
+    return tf.image.resize(pixels, (image_size, image_size), method="bilinear").numpy()
+
+
+def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[Prediction]:
+    """The `k` most probable classes, most probable first (ties: lower index first)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    order = np.argsort(-probabilities, kind="stable")[: max(1, min(k, len(probabilities)))]
+    return [Prediction(int(i), class_names[int(i)], float(probabilities[i])) for i in order]
+
+
+class Predictor:
+    """A loaded model that maps decoded images to class probabilities."""
+
+    kind: str = ""
+    path: str = ""
+    class_names: list[str]
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 RGB images `[h, w, 3]` of any sizes -> float32 probabilities `[n, classes]`."""
+        raise NotImplementedError
+
+
+class KerasPredictor(Predictor):
+    """A `.keras` model (logits head) with its `labels.txt` and `preprocessing.json`."""
+
+    kind = "keras"
+
+    def __init__(self, path: str):
+        bundle = load_model_bundle(path)
+        self.path = path
+        self.model = bundle.model
+        self.class_names = bundle.class_names
+        self.preprocessing = bundle.preprocessing
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        import keras
+
+        size = self.preprocessing.image_size
+        out = []
+        for start in range(0, len(images), KERAS_BATCH):
+            pixels = np.stack([resize(im, size) for im in images[start : start + KERAS_BATCH]])
+            logits = self.model.predict_on_batch(self.preprocessing(pixels).astype(np.float32))
+            out.append(keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1)))
+        if not out:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+
+def find_labels(model_dir: str, levels: int = 2) -> str:
+    """`labels.txt` in `model_dir` or up to `levels` folders above it.
+
+    An export folder holds `saved_model/<N>/` with `labels.txt` two levels up.
+
+    Raises:
+        UsageError: not found.
+    """
+    directory = os.path.abspath(model_dir)
+    searched = []
+    for _ in range(levels + 1):
+        searched.append(directory)
+        if os.path.isfile(os.path.join(directory, LABELS_FILE)):
+            return directory
+        directory = os.path.dirname(directory)
+    raise UsageError(
+        f"{LABELS_FILE} not found in {' or '.join(searched)}: keep the files app.export "
+        "writes together"
+    )
+
+
+class SavedModelPredictor(Predictor):
+    """A SavedModel's `serving_default` signature: uint8 images in, resized inside the graph
+    (`export.saved_model.load_serving`); `labels.txt` beside it or up to two folders above
+    (`export/labels.txt` for `export/saved_model/<N>/`)."""
+
+    kind = "saved_model"
+
+    def __init__(self, path: str):
+        from export import saved_model
+
+        version_dir = saved_model.resolve_version(path)
+        try:
+            self.serving = saved_model.load_serving(version_dir)
+        except Exception as e:  # parse/graph errors all mean "not a usable SavedModel"
+            raise UsageError(f"{version_dir} is not a loadable SavedModel ({e})") from e
+        if saved_model.SIGNATURE_IMAGES not in self.serving.signatures:
+            raise UsageError(
+                f"{version_dir} has no {saved_model.SIGNATURE_IMAGES} signature "
+                f"(has: {', '.join(self.serving.signatures) or 'none'}); export it with app.export"
+            )
+        self.path = version_dir
+        self.class_names = read_labels(find_labels(version_dir))
+        self._checked = False
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        out = []
+        # One call per image: the signature takes any size, but a batch shares one size.
+        for image in images:
+            result = self.serving.predict(np.asarray(image, np.uint8)[None])
+            if not self._checked:
+                self._check_labels(result)
+            out.append(result["probabilities"])
+        if not out:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+    def _check_labels(self, result: dict) -> None:
+        """labels.txt found beside the export must agree with the names inside the model."""
+        probabilities = result["probabilities"][0]
+        if len(probabilities) != len(self.class_names):
+            raise UsageError(
+                f"{self.path} has {len(probabilities)} classes but {LABELS_FILE} lists "
+                f"{len(self.class_names)}"
+            )
+        inside = result["class_names"][0].decode()
+        if inside != self.class_names[int(np.argmax(probabilities))]:
+            raise UsageError(
+                f"{LABELS_FILE} next to {self.path} does not match the class names inside the "
+                f"model (it answers {inside!r}); keep the files app.export writes together"
+            )
+        self._checked = True
+
+
+class TFLitePredictor(Predictor):
+    """A `.tflite` model: `[1, S, S, 3]` RGB pixels 0..255 in (float32 or uint8),
+    probabilities out; `labels.txt` beside it.
+
+    Not `export.tflite.TFLiteClassifier`: that takes uint8 pixels only, so a float model would
+    see the resize rounded (up to half a grey level off what Keras sees), which can flip a
+    close top-1. The `.tflite` contract allows float32 input: float models get the exact
+    float pixels here, and only the int8 model gets them rounded.
+    """
+
+    kind = "tflite"
+
+    def __init__(self, path: str):
+        from ai_edge_litert.interpreter import Interpreter
+
+        if not os.path.isfile(path):
+            raise UsageError(f"model file not found: {path}")
+        self.path = path
+        try:
+            self.interpreter = Interpreter(model_path=path, num_threads=TFLITE_THREADS)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"{path} is not a TFLite model ({e})") from e
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
+        shape = self._input["shape"]
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+            raise UsageError(f"{path} takes input {list(shape)}, not [1, size, size, 3]")
+        self.image_size = int(shape[1])
+        self.class_names = read_labels(find_labels(os.path.dirname(os.path.abspath(path)), 0))
+        classes = int(self._output["shape"][-1])
+        if classes != len(self.class_names):
+            raise UsageError(
+                f"{path} has {classes} outputs but {LABELS_FILE} lists {len(self.class_names)}"
+            )
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        out = np.zeros((len(images), len(self.class_names)), np.float32)
+        for i, image in enumerate(images):
+            pixels = resize(image, self.image_size)[None]
+            self.interpreter.set_tensor(self._input["index"], _quantize(pixels, self._input))
+            self.interpreter.invoke()
+            out[i] = _dequantize(self.interpreter.get_tensor(self._output["index"]), self._output)
+        return out
+
+
+def _quantize(values: np.ndarray, detail: dict) -> np.ndarray:
+    """Float values to the tensor's dtype with its (scale, zero_point), if it is integer."""
+    dtype = detail["dtype"]
+    if np.issubdtype(dtype, np.floating):
+        return values.astype(dtype)
+    scale, zero_point = detail["quantization"]
+    if scale:
+        values = values / scale + zero_point
+    info = np.iinfo(dtype)
+    return np.clip(np.round(values), info.min, info.max).astype(dtype)
+
+
+def _dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
+    """An integer output back to floats with its (scale, zero_point)."""
+    if np.issubdtype(values.dtype, np.floating):
+        return values[0]
+    scale, zero_point = detail["quantization"]
+    return (values[0].astype(np.float32) - zero_point) * (scale or 1.0)
+
+
+def load_predictor(path: str) -> Predictor:
+    """Loads a `.keras` file, a SavedModel (version folder or base path) or a `.tflite` file.
+
+    Raises:
+        UsageError: the path is missing, of no known format, or lacks its labels.
+    """
+    if path.endswith(KERAS_SUFFIX):
+        return KerasPredictor(path)
+    if path.endswith(TFLITE_SUFFIX):
+        return TFLitePredictor(path)
+    if os.path.isdir(path):
+        return SavedModelPredictor(path)
+    if not os.path.exists(path):
+        raise UsageError(f"model not found: {path}")
+    raise UsageError(
+        f"{path}: --model must be a .keras file, a SavedModel folder or a .tflite file"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageResult:
+    """The answer for one image file: predictions, or the error that stopped it."""
+
+    path: str
+    predictions: list[Prediction] | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        if self.error is not None:
+            return {"image": self.path, "error": self.error}
+        return {
+            "image": self.path,
+            "predictions": [dataclasses.asdict(p) for p in self.predictions],
+        }
+
+
+def classify_files(predictor: Predictor, paths: Sequence[str], k: int) -> list[ImageResult]:
+    """Top-k for each image file, in order; an unreadable file gets an error and does not
+    stop the others. Files are decoded a chunk at a time, so long lists fit in memory."""
+    results = []
+    for start in range(0, len(paths), KERAS_BATCH):
+        chunk = paths[start : start + KERAS_BATCH]
+        images, errors = {}, {}
+        for path in chunk:
+            try:
+                images[path] = read_image(path)
+            except ImageError as e:
+                errors[path] = str(e)
+        readable = [p for p in chunk if p not in errors]
+        answers = predictor.predict([images[p] for p in readable])
+        probabilities = dict(zip(readable, answers, strict=True))
+        for path in chunk:
+            if path in errors:
+                results.append(ImageResult(path, error=errors[path]))
+            else:
+                names = predictor.class_names
+                results.append(ImageResult(path, top_k(probabilities[path], names, k)))
+    return results
+
+
+def format_results(results: Sequence[ImageResult]) -> str:
+    """Human-readable lines: the file, then rank, class and probability per line."""
+    lines = []
+    for result in results:
+        if result.error is not None:
+            continue  # errors go to stderr, one line each
+        lines.append(result.path)
+        width = max(len(p.name) for p in result.predictions)
+        for rank, p in enumerate(result.predictions, 1):
+            lines.append(f"  {rank}. {p.name:<{width}}  {p.probability:.4f}")
+    return "\n".join(lines)
