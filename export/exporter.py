@@ -1,0 +1,160 @@
+"""`export_all`: every deployable format of a trained model, plus the report that checks them.
+
+What `python -m app.export` runs; takes plain arguments so tests and notebooks call it.
+Everything that can be wrong with the input (formats, data folder, calibration images) is
+checked before anything is written; each file is then written atomically, so a failure
+never leaves half a file or half a SavedModel version behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+
+import numpy as np
+
+from app.common import ModelBundle, UsageError, atomic_path, write_labels
+from app.data import DataConfig
+from export import FORMATS, SAVED_MODEL, TFLITE_FORMATS, images, report, saved_model, tflite
+
+log = logging.getLogger(__name__)
+
+SAVED_MODEL_DIR = "saved_model"
+# Images for latency alone when no real images are given (latency does not depend on them).
+_LATENCY_ONLY_IMAGES = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What to write and which real images to calibrate and compare on.
+
+    Attributes:
+        export_dir: output folder; the SavedModel base path is `export_dir/saved_model`.
+        formats: some of `export.FORMATS`.
+        data: the real images (any dataset `app.data.load` reads; see `export.images`),
+            or None: then no int8 model and no agreement figures.
+        num_calibration: training images that calibrate the full-int8 model.
+        num_evaluation: held-out images on which every format is compared with Keras.
+    """
+
+    export_dir: str
+    formats: tuple[str, ...] = FORMATS
+    data: DataConfig | None = None
+    num_calibration: int = 200
+    num_evaluation: int = 500
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """`"saved_model,int8"` -> ("saved_model", "int8"), in `FORMATS` order; checks names."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    choices = f"choose a comma-separated list of {','.join(FORMATS)}"
+    if not names:
+        raise UsageError(f"--formats is empty; {choices}")
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown:
+        raise UsageError(f"--formats: unknown format {unknown[0]!r}; {choices}")
+    return tuple(name for name in FORMATS if name in names)
+
+
+def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
+    """Writes the formats, labels.txt, preprocessing.json, report.json and report.md.
+
+    Returns:
+        The report (what report.json holds).
+    """
+    unknown = [fmt for fmt in config.formats if fmt not in FORMATS]
+    if unknown:
+        raise UsageError(f"unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+    if config.num_calibration < 1 or config.num_evaluation < 0:
+        raise UsageError("--num_calibration must be >= 1 and --num_evaluation >= 0")
+    size = bundle.preprocessing.image_size
+    calibration = evaluation = None
+    if config.data is not None:
+        calibration, evaluation = images.calibration_and_evaluation(
+            config.data, bundle.class_names, size, config.num_calibration, config.num_evaluation
+        )
+        log.info("%d calibration images from %s", len(calibration.images), calibration.source)
+        if evaluation is not None:
+            log.info("%d evaluation images from %s", len(evaluation.images), evaluation.source)
+    if "int8" in config.formats and calibration is None:
+        raise UsageError(
+            "model_int8.tflite needs calibration images: pass --representative_data=DIR "
+            "(the training data: an image folder, cifar-10-batches-py or a TFDS data dir), "
+            "or leave int8 out of --formats"
+        )
+
+    os.makedirs(config.export_dir, exist_ok=True)
+    # The export folder stands on its own: the sidecars that give the outputs meaning.
+    write_labels(config.export_dir, bundle.class_names)
+    bundle.preprocessing.save(config.export_dir)
+
+    written: dict[str, str] = {}
+    if SAVED_MODEL in config.formats:
+        base = os.path.join(config.export_dir, SAVED_MODEL_DIR)
+        written[SAVED_MODEL] = saved_model.export_saved_model(
+            bundle.model, bundle.class_names, bundle.preprocessing, base
+        )
+        log.info("wrote %s", written[SAVED_MODEL])
+    lite_formats = [fmt for fmt in config.formats if fmt in TFLITE_FORMATS]
+    if lite_formats:
+        blobs = tflite.convert(
+            bundle.model,
+            bundle.preprocessing,
+            lite_formats,
+            calibration.images if calibration is not None else None,
+        )
+        for fmt, blob in blobs.items():
+            path = os.path.join(config.export_dir, tflite.filename(fmt))
+            with atomic_path(path, suffix=".tflite") as tmp, open(tmp, "wb") as f:
+                f.write(blob)
+            written[fmt] = path
+            log.info("wrote %s (%d bytes)", path, len(blob))
+
+    result = _report(bundle, config, written, calibration, evaluation)
+    json_path, md_path = report.write_report(config.export_dir, result)
+    log.info("wrote %s and %s", json_path, md_path)
+    return result
+
+
+def _report(
+    bundle: ModelBundle,
+    config: ExportConfig,
+    written: dict[str, str],
+    calibration: images.Sample | None,
+    evaluation: images.Sample | None,
+) -> dict:
+    size = bundle.preprocessing.image_size
+    result = {
+        "model": os.path.abspath(bundle.path),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "image_size": size,
+        "num_classes": len(bundle.class_names),
+        "environment": report.environment(),
+        "calibration": None,
+        "evaluation": None,
+        "formats": [],
+    }
+    if calibration is not None and "int8" in written:
+        result["calibration"] = {"source": calibration.source, "images": len(calibration.images)}
+    reference = labels = None
+    pixels = np.full((_LATENCY_ONLY_IMAGES, size, size, 3), 128, np.uint8)
+    if evaluation is not None and len(evaluation.images):
+        pixels = evaluation.images
+        labels = evaluation.labels
+        reference = report.keras_probabilities(bundle.model, bundle.preprocessing, pixels)
+        result["evaluation"] = {"source": evaluation.source, "images": len(pixels)}
+        if labels is not None:
+            result["evaluation"]["keras_accuracy"] = float((reference.argmax(-1) == labels).mean())
+    for fmt, path in written.items():
+        log.info("measuring %s", fmt)
+        measure = report.measure_saved_model if fmt == SAVED_MODEL else report.measure_tflite
+        entry = {"format": fmt, "path": os.path.relpath(path, config.export_dir)}
+        entry.update(measure(path, pixels, reference, labels))
+        result["formats"].append(entry)
+    float32 = next((e for e in result["formats"] if e["format"] == "float32"), None)
+    for entry in result["formats"]:
+        if float32 is not None and entry["format"] in TFLITE_FORMATS:
+            entry["size_vs_float32"] = entry["size_bytes"] / float32["size_bytes"]
+    return result

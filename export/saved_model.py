@@ -1,0 +1,216 @@
+"""The TF Serving SavedModel: two signatures, integer versions, written atomically.
+
+Layout under a model base path (what `tensorflow/serving` watches):
+
+    <base>/1/  <base>/2/ ...   each a SavedModel; a new export adds max + 1
+
+Signatures (DESIGN.md, "Serving contract"):
+- `serving_default`: `images` uint8 [batch, height, width, 3], any height and width.
+- `serving_bytes`: `image_bytes` string [batch] of encoded JPEG/PNG (also GIF, BMP, WebP).
+Both resize (bilinear) to the model's square input and normalise inside the graph, and return
+`probabilities` float32 [batch, classes], `classes` int64 [batch], `class_names` string [batch].
+
+Example:
+
+    from export import saved_model
+    version_dir = saved_model.export_saved_model(model, class_names, preprocessing, "exp/sm")
+    served = saved_model.load_serving("exp/sm")          # the latest version
+    served.predict(uint8_images)["class_names"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from app.common import UsageError
+from export import (
+    INPUT_BYTES,
+    INPUT_IMAGES,
+    OUTPUTS,
+    SIGNATURE_BYTES,
+    SIGNATURE_IMAGES,
+    client,
+    graph,
+)
+from models.preprocessing import Preprocessing
+
+# TF Serving replays these requests when it loads a version, so the first real request
+# does not pay for graph initialisation.
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+
+
+def serving_archive(
+    model: keras.Model, class_names: list[str], preprocessing: Preprocessing
+) -> keras.export.ExportArchive:
+    """An `ExportArchive` holding the model and both serving signatures."""
+    model = graph.float32_model(model)
+    size = preprocessing.image_size
+    names = tf.constant(class_names, dtype=tf.string)
+
+    def outputs(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        probs = graph.probabilities(model, preprocessing, graph.resize(pixels, size))
+        classes = tf.argmax(probs, axis=-1, output_type=tf.int64)
+        return {
+            "probabilities": probs,
+            "classes": classes,
+            "class_names": tf.gather(names, classes),
+        }
+
+    def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        # The signature's declared shape is not enforced when it is called (TF Serving passes
+        # any shape through): check it here, so a bad request fails with the expected shape.
+        images = tf.ensure_shape(images, [None, None, None, 3])
+        return outputs(tf.cast(images, tf.float32))
+
+    def decode(encoded: tf.Tensor) -> tf.Tensor:
+        # Images in one request may differ in size: resize each before they form a batch.
+        image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+        image = graph.resize(tf.cast(image, tf.float32)[tf.newaxis], size)[0]
+        return tf.ensure_shape(image, [size, size, 3])
+
+    def serve_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        image_bytes = tf.ensure_shape(image_bytes, [None])
+        pixels = tf.map_fn(
+            decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32)
+        )
+        return outputs(pixels)
+
+    # No `archive.track(model)`: the endpoints' variables are tracked anyway, and tracking the
+    # model as well stores every weight twice (keras-team/keras#23553: 2x size on disk and
+    # 2x variable memory in TF Serving).
+    archive = keras.export.ExportArchive()
+    # serving_default is registered by name: ExportArchive would otherwise alias whichever
+    # endpoint came first.
+    archive.add_endpoint(
+        SIGNATURE_IMAGES,
+        serve_images,
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_IMAGES)],
+    )
+    archive.add_endpoint(
+        SIGNATURE_BYTES,
+        serve_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_BYTES)],
+    )
+    return archive
+
+
+def versions(base_dir: str) -> list[int]:
+    """The integer version folders under a model base path, ascending (others ignored)."""
+    if not os.path.isdir(base_dir):
+        return []
+    found = [
+        int(name)
+        for name in os.listdir(base_dir)
+        if name.isdigit() and os.path.isdir(os.path.join(base_dir, name))
+    ]
+    return sorted(found)
+
+
+def export_saved_model(
+    model: keras.Model,
+    class_names: list[str],
+    preprocessing: Preprocessing,
+    base_dir: str,
+    warmup: bool = True,
+) -> str:
+    """Writes the next integer version under `base_dir`; returns its path.
+
+    The SavedModel is written into a hidden temporary folder beside the versions (TF Serving
+    ignores names that are not integers) and renamed into place only when complete, so a
+    server never sees half a version and existing versions are never touched.
+    """
+    os.makedirs(base_dir, exist_ok=True)
+    archive = serving_archive(model, class_names, preprocessing)
+    tmp = tempfile.mkdtemp(dir=base_dir, prefix=".export-")
+    try:
+        # mkdtemp makes the folder private (0700); a server running as another user must read it.
+        os.chmod(tmp, 0o755)
+        archive.write_out(tmp, verbose=False)
+        if warmup:
+            client.write_warmup_requests(os.path.join(tmp, WARMUP_FILE), preprocessing.image_size)
+        while True:  # another export may take a number meanwhile: then take the next one
+            target = os.path.join(base_dir, str(max(versions(base_dir), default=0) + 1))
+            if os.path.exists(target):
+                continue
+            try:
+                os.rename(tmp, target)  # atomic; fails if the number was taken meanwhile
+            except OSError:
+                if not os.path.exists(target):
+                    raise
+                continue
+            return target
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def resolve_version(path: str) -> str:
+    """A SavedModel folder: `path` itself, or its latest integer version if it is a base path."""
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    found = versions(path)
+    if not found:
+        raise UsageError(
+            f"no SavedModel in {path}: expected saved_model.pb or integer version folders "
+            "(as python -m app.export writes under export/saved_model)"
+        )
+    return os.path.join(path, str(found[-1]))
+
+
+def op_error(error: tf.errors.OpError) -> str:
+    """The one line of a TensorFlow runtime error that says what was wrong."""
+    noise = ("Graph execution error", "Detected at node", "<stack traces", "[[")
+    lines = [line.strip() for line in error.message.splitlines()]
+    useful = [line for line in lines if line and not line.startswith(noise)]
+    return useful[0] if useful else lines[0]
+
+
+@dataclasses.dataclass
+class ServingModel:
+    """A loaded serving SavedModel, called as TF Serving would call it."""
+
+    path: str
+    loaded: object
+
+    @property
+    def signatures(self):
+        return self.loaded.signatures
+
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Runs `serving_default` on uint8 images [n, h, w, 3]; returns the outputs as NumPy."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise UsageError(
+                f"images must be uint8 [batch, height, width, 3], got {images.dtype} "
+                f"{list(images.shape)}"
+            )
+        try:
+            outputs = self.signatures[SIGNATURE_IMAGES](**{INPUT_IMAGES: tf.constant(images)})
+        except tf.errors.InvalidArgumentError as e:
+            raise UsageError(f"{self.path}: {op_error(e)}") from e
+        return {name: outputs[name].numpy() for name in OUTPUTS}
+
+    def predict_bytes(self, encoded: list[bytes]) -> dict[str, np.ndarray]:
+        """Runs `serving_bytes` on encoded images (JPEG/PNG file contents)."""
+        try:
+            outputs = self.signatures[SIGNATURE_BYTES](
+                **{INPUT_BYTES: tf.constant(list(encoded), dtype=tf.string)}
+            )
+        except tf.errors.InvalidArgumentError as e:
+            raise UsageError(
+                f"{self.path}: an input is not a decodable JPEG/PNG image ({op_error(e)})"
+            ) from e
+        return {name: outputs[name].numpy() for name in OUTPUTS}
+
+
+def load_serving(path: str) -> ServingModel:
+    """Loads a version folder, or the latest version under a model base path."""
+    version_dir = resolve_version(path)
+    return ServingModel(version_dir, tf.saved_model.load(version_dir))
