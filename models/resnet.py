@@ -21,6 +21,8 @@ from typing import Literal
 import keras
 from keras import layers
 
+from models.layers import MatmulConv2D
+
 Stem = Literal["imagenet", "cifar"]
 StrideOn = Literal["1x1", "3x3"]
 
@@ -62,7 +64,7 @@ def conv_bn(
     if strides > 1 and kernel_size > 1:
         x = layers.ZeroPadding2D(padding=kernel_size // 2, name=f"{name}_pad")(x)
         padding = "valid"
-    x = layers.Conv2D(
+    x = MatmulConv2D(
         filters,
         kernel_size,
         strides=strides,

@@ -216,3 +216,26 @@ def test_models_package_imports_no_tensorflow():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             assert not any(n.split(".")[0] == "tensorflow" for n in names), path
+
+
+@pytest.mark.parametrize(
+    "size, kernel, strides, padding",
+    [
+        (4, 1, 1, "same"),
+        (5, 1, 2, "valid"),
+        (3, 3, 2, "valid"),  # one 3x3 patch: a 1x1 output
+        (1, 3, 1, "same"),  # only the centre tap meets data
+        (6, 3, 1, "same"),  # ordinary convolution
+    ],
+)
+def test_matmul_conv_is_the_same_arithmetic_as_conv2d(size, kernel, strides, padding):
+    from models.layers import MatmulConv2D
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, size, size, 8)).astype("float32")
+    plain = keras.layers.Conv2D(5, kernel, strides=strides, padding=padding, use_bias=False)
+    fast = MatmulConv2D(5, kernel, strides=strides, padding=padding, use_bias=False)
+    plain.build(x.shape)
+    fast.build(x.shape)
+    fast.set_weights(plain.get_weights())
+    np.testing.assert_allclose(fast(x), plain(x), rtol=1e-5, atol=1e-5)
