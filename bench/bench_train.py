@@ -1,0 +1,438 @@
+"""Training throughput of our ResNet-50 against keras.applications.ResNet50, same feed.
+
+Every case is compiled the same way (SGD momentum 0.9, sparse cross-entropy on logits,
+accuracy metric) and fed the same `tf.data` pipeline (a fixed pool of random 32x32 images,
+already normalised, batched, cached and prefetched: the model is what is timed; the input
+pipeline has its own benchmark, `bench.bench_data`). All cases of one run live in one
+process and are measured in turns (A, B, C, A, B, C, ...), so a neighbour's burst of CPU use
+hits all of them alike; each figure is the median of `--repeats` measurements of `--steps`
+steady-state steps after `--warmup_steps` untimed ones.
+
+A case is written `<model>-<stem>-<precision>[+option...]`:
+  model      ours (models.resnet.resnet50) | ours18 (resnet18, the quick recipe's model) |
+             keras (keras.applications.ResNet50, weights=None, no softmax)
+  stem       imagenet (32x32 input) | cifar (ours only) | up128 (keras only: the 32x32
+             batch resized to 128x128 inside the model, so its stages see the same
+             32/16/8/4 feature maps as our CIFAR stem)
+  precision  f32 | bf16 (mixed_bfloat16)
+  options    xla (compile(jit_compile=True)), spe<N> (steps_per_execution=N),
+             v1 (ours with the stride on the 1x1 conv, as keras.applications),
+             nchw (keras only: channels_first layout),
+             mm (1x1 and other matmul-shaped convolutions as one matmul: bench.matmul_conv),
+             fbn (batch norm through TensorFlow's fused kernel in training: bench.fused_bn)
+
+Usage:
+    python -m bench.bench_train --cases=ours-imagenet-f32,keras-imagenet-f32 --repeats=3
+    TF_ENABLE_ONEDNN_OPTS=0 python -m bench.bench_train --cases=ours-imagenet-bf16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+
+from absl import flags
+
+from app import cli
+from bench import common
+
+# The comparison of the issue: both networks, both stems, both precisions.
+MAIN_CASES = (
+    "ours-imagenet-f32",
+    "keras-imagenet-f32",
+    "ours-imagenet-bf16",
+    "keras-imagenet-bf16",
+)
+CIFAR_CASES = ("ours-cifar-f32", "keras-up128-f32", "ours-cifar-bf16", "keras-up128-bf16")
+NUM_CLASSES = 10
+IMAGE_SIZE = 32
+_POLICIES = {"f32": "float32", "bf16": "mixed_bfloat16"}
+_CASE = re.compile(r"^(ours|ours18|keras)-(imagenet|cifar|up128)-(f32|bf16)((?:\+[a-z0-9]+)*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One training configuration to time."""
+
+    name: str
+    model: str
+    stem: str
+    policy: str
+    jit_compile: bool = False
+    steps_per_execution: int = 1
+    stride_on_1x1: bool = False
+    channels_first: bool = False
+    matmul_convs: bool = False
+    fused_bn: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> Case:
+        """Parses `ours-imagenet-bf16+xla+spe8`; raises UsageError on a bad name."""
+        from app.common import UsageError
+
+        match = _CASE.match(name)
+        if not match:
+            raise UsageError(
+                f"bad case {name!r}: write <ours|ours18|keras>-<imagenet|cifar|up128>-<f32|bf16>"
+                "[+xla][+spe<N>][+v1][+nchw][+mm][+fbn]"
+            )
+        model, stem, precision, options = match.groups()
+        if (model == "keras" and stem == "cifar") or (model != "keras" and stem == "up128"):
+            raise UsageError(f"bad case {name!r}: cifar is ours only, up128 is keras only")
+        kwargs: dict = {}
+        for option in filter(None, options.split("+")):
+            if option == "xla":
+                kwargs["jit_compile"] = True
+            elif option == "v1" and model != "keras":
+                kwargs["stride_on_1x1"] = True
+            elif option == "nchw" and model == "keras":
+                kwargs["channels_first"] = True
+            elif option == "mm":
+                kwargs["matmul_convs"] = True
+            elif option == "fbn":
+                kwargs["fused_bn"] = True
+            elif re.fullmatch(r"spe[1-9][0-9]*", option):
+                kwargs["steps_per_execution"] = int(option[3:])
+            else:
+                raise UsageError(f"bad case {name!r}: unknown option {option!r}")
+        return cls(name, model, stem, _POLICIES[precision], **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """Throughput of one case: images/s (wall clock) and CPU-seconds per image."""
+
+    case: Case
+    images_per_s: common.Stats
+    cpu_s_per_image: common.Stats
+    train_flops_per_image: int
+    compile_s: float
+
+
+def build_model(case: Case):
+    """Builds the case's model under its precision policy (the global policy is restored)."""
+    import keras
+
+    model = _build(case)
+    if not (case.matmul_convs or case.fused_bn):
+        return model
+    from bench import fused_bn
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(case.policy)
+    try:
+        return fused_bn.convert(model, batch_norm=case.fused_bn, matmul_convs=case.matmul_convs)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _build(case: Case):
+    import keras
+
+    from models import resnet
+
+    previous = keras.mixed_precision.global_policy()
+    previous_format = keras.config.image_data_format()
+    keras.mixed_precision.set_global_policy(case.policy)
+    try:
+        if case.model != "keras":
+            return resnet.build(
+                "resnet18" if case.model == "ours18" else "resnet50",
+                num_classes=NUM_CLASSES,
+                input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
+                stem=case.stem,
+                stride_on="1x1" if case.stride_on_1x1 else "3x3",
+            )
+        size = 128 if case.stem == "up128" else IMAGE_SIZE
+        if case.channels_first:
+            keras.config.set_image_data_format("channels_first")
+        inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), name="images")
+        x = inputs
+        if size != IMAGE_SIZE:
+            x = keras.layers.Resizing(size, size, name="upsample")(x)
+        if case.channels_first:
+            x = keras.layers.Permute((3, 1, 2), name="to_nchw")(x)
+        shape = (3, size, size) if case.channels_first else (size, size, 3)
+        # classifier_activation=None: logits, like ours, so both use the same loss.
+        net = keras.applications.ResNet50(
+            weights=None, input_shape=shape, classes=NUM_CLASSES, classifier_activation=None
+        )
+        return keras.Model(inputs, net(x), name=f"keras_resnet50_{case.stem}")
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+        keras.config.set_image_data_format(previous_format)
+
+
+def compile_model(model, case: Case) -> None:
+    """The one training setup every case shares (as app.train compiles)."""
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=case.jit_compile,
+        steps_per_execution=case.steps_per_execution,
+    )
+
+
+def synthetic_dataset(batch_size: int, pool: int = 8, seed: int = 0):
+    """`pool` distinct batches of random normalised 32x32 images and labels, repeated."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    n = pool * batch_size
+    images = rng.standard_normal((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    labels = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    return ds.batch(batch_size, drop_remainder=True).cache().repeat().prefetch(tf.data.AUTOTUNE)
+
+
+class _StepClock:
+    """Keras callback: wall and CPU time from the start of the first execution of a `fit` to
+    the end of each later one (so iterator start-up before the first step is left out)."""
+
+    def __init__(self):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_begin(cb, batch, logs=None):
+                if not self.marks:
+                    self.marks.append((batch, time.perf_counter(), common.cpu_seconds()))
+
+            def on_train_batch_end(cb, batch, logs=None):
+                self.marks.append((batch + 1, time.perf_counter(), common.cpu_seconds()))
+
+        self.callback = Callback()
+        self.marks: list[tuple[int, float, float]] = []
+
+    def rates(self, batch_size: int) -> tuple[float, float]:
+        """(images/s, CPU-s per image) between the first and last mark."""
+        (s0, t0, c0), (s1, t1, c1) = self.marks[0], self.marks[-1]
+        images = (s1 - s0) * batch_size
+        return images / (t1 - t0), (c1 - c0) / images
+
+
+def measure(
+    cases: list[Case],
+    batch_size: int = 128,
+    warmup_steps: int = 3,
+    steps: int = 4,
+    repeats: int = 3,
+    log=print,
+) -> list[Result]:
+    """Times `model.fit` of every case, in turns; see the module docstring.
+
+    Args:
+        cases: what to time (all built in this process).
+        batch_size: images per step.
+        warmup_steps: untimed steps after tracing, per case.
+        steps: timed steps per measurement (rounded up to whole executions).
+        repeats: measurements per case.
+        log: progress printer (None for silence).
+
+    Returns:
+        One `Result` per case, in the order given.
+    """
+    ds = synthetic_dataset(batch_size)
+    models, compile_s = [], []
+    for case in cases:
+        start = time.perf_counter()
+        model = build_model(case)
+        compile_model(model, case)
+        spe = case.steps_per_execution
+        # The first fit traces and compiles the step function.
+        model.fit(ds, steps_per_epoch=max(warmup_steps, 1) * spe, epochs=1, verbose=0)
+        compile_s.append(time.perf_counter() - start)
+        models.append(model)
+        if log:
+            log(f"  {case.name}: built, compiled and warmed up in {compile_s[-1]:.0f}s")
+    wall: list[list[float]] = [[] for _ in cases]
+    cpu: list[list[float]] = [[] for _ in cases]
+    for r in range(repeats):
+        for i, (case, model) in enumerate(zip(cases, models, strict=True)):
+            spe = case.steps_per_execution
+            executions = -(-steps // spe)
+            clock = _StepClock()
+            model.fit(
+                ds,
+                steps_per_epoch=executions * spe,
+                epochs=1,
+                verbose=0,
+                callbacks=[clock.callback],
+            )
+            images_per_s, cpu_per_image = clock.rates(batch_size)
+            wall[i].append(images_per_s)
+            cpu[i].append(cpu_per_image)
+            if log:
+                log(f"  [{r + 1}/{repeats}] {case.name}: {images_per_s:.1f} images/s")
+    return [
+        Result(case, common.Stats.of(w), common.Stats.of(c), common.training_flops(m), s)
+        for case, w, c, m, s in zip(cases, wall, cpu, models, compile_s, strict=True)
+    ]
+
+
+def describe(case: Case) -> tuple[str, str, str]:
+    """(model, input/stem, settings) columns for a table."""
+    model = {
+        "ours": "ours resnet50",
+        "ours18": "ours resnet18",
+        "keras": "keras.applications.ResNet50",
+    }[case.model]
+    if case.stride_on_1x1:
+        model += " (stride on 1x1)"
+    stem = {
+        "imagenet": "32x32, ImageNet stem",
+        "cifar": "32x32, CIFAR stem",
+        "up128": "32x32 resized to 128x128 in the model",
+    }[case.stem]
+    settings = [case.policy]
+    if case.jit_compile:
+        settings.append("XLA")
+    if case.steps_per_execution > 1:
+        settings.append(f"steps_per_execution={case.steps_per_execution}")
+    if case.channels_first:
+        settings.append("channels_first")
+    if case.matmul_convs:
+        settings.append("matmul 1x1 convs")
+    if case.fused_bn:
+        settings.append("fused batch norm")
+    return model, stem, ", ".join(settings)
+
+
+def report(
+    results: list[Result], peaks: dict[str, common.Peak], baseline: str | None = None
+) -> str:
+    """Markdown table of `results`; speed-ups are relative to the case named `baseline`.
+
+    MFU is model FLOP/s over the matmul peak of the case's compute type (float32 or
+    bfloat16): by wall clock (median images/s), and by CPU time (FLOPs per CPU-second of the
+    model over those of the matmul), which a busy machine disturbs far less.
+    """
+    base = {r.case.name: r for r in results}.get(baseline)
+    headers = ["model", "input", "settings", "images/s median (min–max)", "CPU ms/image"]
+    headers += ["GFLOP/image (train)", "MFU wall", "MFU CPU-time"]
+    if base:
+        headers.append(f"x {baseline}")
+    rows = []
+    for r in results:
+        flops = r.train_flops_per_image
+        peak = peaks.get("bfloat16" if r.case.policy == "mixed_bfloat16" else "float32")
+        mfu_wall = mfu_cpu = "n/a"
+        if peak:
+            mfu_wall = f"{100 * flops * r.images_per_s.median / peak.flops_per_s:.1f}%"
+            mfu_cpu = f"{100 * flops / r.cpu_s_per_image.median / peak.flops_per_cpu_s:.1f}%"
+        row = [
+            *describe(r.case),
+            common.median_range(r.images_per_s),
+            f"{1000 * r.cpu_s_per_image.median:.1f}",
+            f"{flops / 1e9:.2f}",
+            mfu_wall,
+            mfu_cpu,
+        ]
+        if base:
+            row.append(f"{r.images_per_s.median / base.images_per_s.median:.2f}")
+        rows.append(row)
+    return common.table(headers, rows)
+
+
+def measure_peaks(log=print) -> dict[str, common.Peak]:
+    """Measured matmul FLOP rates of this machine, float32 and bfloat16."""
+    peaks = {dtype: common.peak_matmul(dtype) for dtype in ("float32", "bfloat16")}
+    if log:
+        log("  peak matmul: " + describe_peaks(peaks))
+    return peaks
+
+
+def best_peaks(*measured: dict[str, common.Peak]) -> dict[str, common.Peak]:
+    """The best of several peak measurements (a busy machine only lowers them)."""
+    return {
+        key: common.Peak(
+            max(m[key].flops_per_s for m in measured),
+            max(m[key].flops_per_cpu_s for m in measured),
+        )
+        for key in measured[0]
+    }
+
+
+def describe_peaks(peaks: dict[str, common.Peak]) -> str:
+    return ", ".join(
+        f"{key} {p.flops_per_s / 1e9:.0f} GFLOP/s ({p.flops_per_cpu_s / 1e9:.0f} per CPU-s)"
+        for key, p in peaks.items()
+    )
+
+
+def configure_threads(intra_op: int, inter_op: int) -> None:
+    """Sets TensorFlow's thread pools (0 keeps TensorFlow's choice); before any op runs."""
+    import tensorflow as tf
+
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("cases", list(MAIN_CASES), "Cases to time, in turns (see the docstring).")
+    flags.DEFINE_integer("batch_size", 128, "Images per training step.", lower_bound=1)
+    flags.DEFINE_integer("warmup_steps", 3, "Untimed steps per case after compiling.")
+    flags.DEFINE_integer("steps", 4, "Timed steps per measurement.", lower_bound=1)
+    flags.DEFINE_integer("repeats", 3, "Measurements per case (the median is reported).")
+    flags.DEFINE_integer("intra_op_threads", 0, "TensorFlow intra-op threads (0: default).")
+    flags.DEFINE_integer("inter_op_threads", 0, "TensorFlow inter-op threads (0: default).")
+    flags.DEFINE_string("baseline", None, "Case the speed-up column is relative to.")
+    flags.DEFINE_string("json_out", None, "Also write the results as JSON to this file.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+
+    def flag(name: str):
+        return flags.FLAGS[name].value
+
+    cases = [Case.parse(name) for name in flag("cases")]
+    configure_threads(flag("intra_op_threads"), flag("inter_op_threads"))
+    print(common.environment())
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)")
+    intra, inter = flag("intra_op_threads") or "default", flag("inter_op_threads") or "default"
+    threads = f"intra={intra} inter={inter}"
+    print(f"TF_ENABLE_ONEDNN_OPTS={onednn}, threads {threads}")
+    peaks = measure_peaks()
+    results = measure(
+        cases,
+        batch_size=flag("batch_size"),
+        warmup_steps=flag("warmup_steps"),
+        steps=flag("steps"),
+        repeats=flag("repeats"),
+    )
+    peaks = best_peaks(peaks, measure_peaks())
+    print(report(results, peaks, flag("baseline")))
+    if flag("json_out"):
+        from app.common import write_text_atomic
+
+        rows = [
+            {
+                "case": r.case.name,
+                "images_per_s": dataclasses.asdict(r.images_per_s),
+                "cpu_s_per_image": dataclasses.asdict(r.cpu_s_per_image),
+                "train_flops_per_image": r.train_flops_per_image,
+                "compile_s": r.compile_s,
+            }
+            for r in results
+        ]
+        payload = {
+            "peaks": {k: dataclasses.asdict(p) for k, p in peaks.items()},
+            "onednn": onednn,
+            "threads": threads,
+            "results": rows,
+        }
+        write_text_atomic(flag("json_out"), json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

@@ -1,0 +1,232 @@
+"""Every benchmark in one run: prints the tables and writes bench/results.md (`make bench`).
+
+Sections: training throughput of our ResNet-50 against keras.applications.ResNet50 (32x32
+with the ImageNet stem; the CIFAR stem against keras.applications fed the same batches
+resized to 128x128), with MFU against matmul peaks measured in the same run; the input
+pipeline against the training step (`bench.bench_data`); inference in every exported form;
+peak memory of a training run. About 13 minutes on the 2-core development machine.
+
+Usage:
+    python -m bench.run_all
+    python -m bench.run_all --sections=train,memory --output=/tmp/results.md
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+
+from absl import flags, logging
+
+from app import cli
+from bench import common
+
+SECTIONS = ("train", "train_cifar", "data", "inference", "memory")
+# The plain reference of the issue: keras.applications.ResNet50 in model.fit, float32.
+BASELINE = "keras-imagenet-f32"
+# What this CPU does best (see BUILD.md, "Benchmarks"): timed next to the comparison.
+FAST_CASES = ("ours-imagenet-f32+mm+fbn", "ours-imagenet-bf16+mm+fbn")
+TARGET_SPEEDUP = 1.5
+DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.md")
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the terminal and keeps a copy (bench_data prints its own table)."""
+
+    def __init__(self, stream):
+        self.stream, self.copy = stream, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.stream.flush()
+        return self.copy.write(text)
+
+
+def train_section(repeats: int):
+    """Measures now; returns a function that renders the section once the peaks are final."""
+    from bench import bench_train
+
+    cases = [bench_train.Case.parse(name) for name in (*bench_train.MAIN_CASES, *FAST_CASES)]
+    results = bench_train.measure(cases, warmup_steps=2, steps=3, repeats=repeats)
+    by_name = {r.case.name: r.images_per_s.median for r in results}
+    best = max(FAST_CASES + bench_train.MAIN_CASES[::2], key=by_name.__getitem__)
+    speedup = by_name[best] / by_name[BASELINE]
+    verdict = "meets" if speedup >= TARGET_SPEEDUP else "MISSES"
+    slower = [
+        f"{ours} ({by_name[ours]:.0f} vs {by_name[keras]:.0f} images/s)"
+        for ours, keras in zip(
+            bench_train.MAIN_CASES[::2], bench_train.MAIN_CASES[1::2], strict=True
+        )
+        if by_name[ours] < by_name[keras]
+    ]
+
+    def render(peaks) -> str:
+        return "\n".join(
+            [
+                "### Training, 32x32, ImageNet stem (batch 128, SGD momentum, synthetic batches)",
+                "",
+                bench_train.report(results, peaks, BASELINE),
+                "",
+                f"Fastest: `{best}`, {speedup:.2f}x plain keras.applications.ResNet50 "
+                f"`model.fit` float32 ({verdict} the {TARGET_SPEEDUP}x target). "
+                "Ours slower than keras.applications in: " + ("; ".join(slower) or "no row") + ".",
+            ]
+        )
+
+    return render
+
+
+def train_cifar_section(repeats: int):
+    """As `train_section`, for the CIFAR stem."""
+    from bench import bench_train
+
+    names = (*bench_train.CIFAR_CASES, "ours-cifar-bf16+mm+fbn")
+    cases = [bench_train.Case.parse(name) for name in names]
+    # One step is 3-10 s here: single-step measurements are long enough to be steady.
+    results = bench_train.measure(cases, warmup_steps=1, steps=1, repeats=repeats)
+
+    def render(peaks) -> str:
+        return "\n".join(
+            [
+                "### Training, CIFAR stem (32x32 feature maps into conv2)",
+                "",
+                "keras.applications has no CIFAR stem; the comparable run feeds it the same "
+                "32x32 batches resized to 128x128 inside the model, which gives its stages the "
+                "same 32/16/8/4 feature maps (its 7x7/2 stem and max-pool cost a little more).",
+                "",
+                bench_train.report(results, peaks, "keras-up128-f32"),
+            ]
+        )
+
+    return render
+
+
+def data_section() -> str:
+    from bench import bench_data
+
+    tee = _Tee(sys.stdout)
+    previous, sys.stdout = sys.stdout, tee
+    try:
+        rows = bench_data.main()
+    finally:
+        sys.stdout = previous
+    table = common.table(
+        ["size", "pipeline images/s", "ResNet-50 train step images/s", "ratio"],
+        [
+            (
+                f"{r['size']}x{r['size']}",
+                f"{r['pipeline_images_per_s']:,.0f} (batch {r['pipeline_batch']})",
+                f"{r['train_step_images_per_s']:,.1f} (batch {r['train_batch']})",
+                f"{r['ratio']:,.0f}x",
+            )
+            for r in rows
+        ],
+    )
+    return "\n".join(
+        [
+            "### Input pipeline vs training step (`python -m bench.bench_data`)",
+            "",
+            table,
+        ]
+    )
+
+
+def inference_section() -> str:
+    from bench import bench_inference
+
+    rows = bench_inference.measure(
+        bench_inference.default_bundle(), data_dir=bench_inference.DEFAULT_DATA_DIR
+    )
+    return "\n".join(
+        [
+            "### Inference (untrained ResNet-50, ImageNet stem, 32x32; "
+            "`python -m bench.bench_inference`)",
+            "",
+            bench_inference.report(rows),
+        ]
+    )
+
+
+def memory_section() -> str:
+    from bench import bench_memory
+
+    results = bench_memory.measure()
+    return "\n".join(
+        [
+            "### Peak memory of a training process (`python -m bench.bench_memory`)",
+            "",
+            bench_memory.report(results),
+        ]
+    )
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("sections", list(SECTIONS), f"Some of {','.join(SECTIONS)}.")
+    flags.DEFINE_integer("repeats", 3, "Measurements per training case.", lower_bound=1)
+    flags.DEFINE_string("output", DEFAULT_OUTPUT, "Markdown file written at the end.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # TensorFlow's SavedModel writer logs every file
+    from app.common import UsageError, write_text_atomic
+    from bench import bench_train
+
+    sections = flags.FLAGS["sections"].value
+    repeats = flags.FLAGS["repeats"].value
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise UsageError(f"--sections: unknown {unknown[0]!r}; choose from {','.join(SECTIONS)}")
+    started = time.perf_counter()
+    header = common.environment()
+    print(header)
+    peaks = {}
+    if "train" in sections or "train_cifar" in sections:
+        peaks = bench_train.measure_peaks()
+    builders = {
+        "train": lambda: train_section(repeats),
+        "train_cifar": lambda: train_cifar_section(repeats),
+        "data": data_section,
+        "inference": inference_section,
+        "memory": memory_section,
+    }
+    parts = []
+    for name in SECTIONS:
+        if name not in sections:
+            continue
+        section_start = time.perf_counter()
+        print(f"\n== {name}", flush=True)
+        parts.append((builders[name](), time.perf_counter() - section_start))
+    if peaks:
+        # Again at the end: MFU is measured against the best of both.
+        peaks = bench_train.best_peaks(peaks, bench_train.measure_peaks())
+    texts = []
+    for part, seconds in parts:
+        text = part if isinstance(part, str) else part(peaks)
+        print(f"\n{text}")
+        texts.append(f"{text}\n\n({seconds:.0f} s)")
+    total = time.perf_counter() - started
+    peak_line = ""
+    if peaks:
+        peak_line = (
+            "Matmul peaks in this run (4096x4096x4096, best of 5 at the start and 5 at the "
+            f"end): {bench_train.describe_peaks(peaks)}."
+        )
+    text = "\n\n".join(
+        [
+            "# Benchmark results",
+            f"`python -m bench.run_all` ({total / 60:.1f} min). {header} "
+            f"Load average {common.load_average()} at the end.",
+            peak_line,
+            *texts,
+        ]
+    )
+    write_text_atomic(flags.FLAGS["output"].value, text + "\n")
+    print(f"\nwrote {flags.FLAGS['output'].value} ({total / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)
