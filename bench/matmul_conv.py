@@ -15,45 +15,15 @@ wherever that is exactly the same arithmetic:
   - a "same" stride-1 convolution on a 1x1 input (only the centre tap meets data).
 Everything else goes to the ordinary convolution. Only `keras.ops`: any backend.
 
-This lives in bench/ as a measured proposal; the place for it is `models/resnet.py`.
+The layer itself now lives in `models/layers.py` and every `models.resnet` network uses it;
+`convert` applies it to other models (keras.applications) for comparison.
 """
 
 from __future__ import annotations
 
 import keras
-from keras import ops
 
-
-@keras.saving.register_keras_serializable(package="resnet")
-class MatmulConv2D(keras.layers.Conv2D):
-    """`Conv2D` computed as one matmul where that is exact (see the module docstring)."""
-
-    def convolution_op(self, inputs, kernel):
-        plain = (
-            self.data_format == "channels_last"
-            and tuple(self.dilation_rate) == (1, 1)
-            and self.groups == 1
-        )
-        if not plain:
-            return super().convolution_op(inputs, kernel)
-        kh, kw = self.kernel_size
-        sh, sw = self.strides
-        _, h, w, cin = inputs.shape
-        if (kh, kw) == (1, 1):
-            x = inputs if (sh, sw) == (1, 1) else inputs[:, ::sh, ::sw, :]
-            shape = ops.shape(x)
-            y = ops.matmul(ops.reshape(x, (-1, cin)), ops.reshape(kernel, (cin, self.filters)))
-            return ops.reshape(y, (shape[0], shape[1], shape[2], self.filters))
-        if h is None or w is None:
-            return super().convolution_op(inputs, kernel)
-        if self.padding == "valid" and h - kh < sh and w - kw < sw and h >= kh and w >= kw:
-            patch = ops.reshape(inputs[:, :kh, :kw, :], (-1, kh * kw * cin))
-            y = ops.matmul(patch, ops.reshape(kernel, (kh * kw * cin, self.filters)))
-            return ops.reshape(y, (-1, 1, 1, self.filters))
-        if self.padding == "same" and (h, w, sh, sw) == (1, 1, 1, 1):
-            y = ops.matmul(ops.reshape(inputs, (-1, cin)), kernel[kh // 2, kw // 2])
-            return ops.reshape(y, (-1, 1, 1, self.filters))
-        return super().convolution_op(inputs, kernel)
+from models.layers import MatmulConv2D
 
 
 def convert(model: keras.Model) -> keras.Model:
