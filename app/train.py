@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from absl import flags
 
 from app import cli
+
+if TYPE_CHECKING:
+    from app.training import TrainConfig
 
 FLAGS = flags.FLAGS
 _HOLDERS: dict[str, flags.FlagHolder] = {}
@@ -254,7 +258,7 @@ def flags_text() -> str:
     return "\n".join(lines) + "\n"
 
 
-def config_from_flags():
+def config_from_flags() -> TrainConfig:
     """The `TrainConfig` the parsed flags describe."""
     from app import training
 

@@ -665,37 +665,119 @@ def _first_line(error: BaseException) -> str:
     return (useful or lines or [""])[0][:300]
 
 
-def _train(config, data_config, flags_text, strategy, chief, out_dir) -> TrainResult:
-    import tensorflow as tf
+def _fetch_imagenet_weights(arch: str, num_classes: int) -> None:
+    """Downloads (once; Keras caches them) the Keras Applications weights, or says why not.
 
-    from app import data, plots, training_callbacks
-    from app.training_state import RunState, backup_path, load_backup
+    `keras.utils.get_file` raises a bare Exception when offline: turned into one line here.
+    """
+    from models import weights as weights_lib
 
-    def say(*args) -> None:
-        if chief:
+    try:
+        weights_lib.imagenet_weights_path(
+            arch, include_top=num_classes == weights_lib.IMAGENET_CLASSES
+        )
+    except weights_lib.WeightsError:
+        raise
+    except Exception as e:  # get_file: URL errors, HTTP errors, bad hash
+        raise UsageError(
+            f"--pretrained=imagenet: cannot get the Keras Applications {arch} weights "
+            f"({_first_line(e)}); connect once (they are cached in ~/.keras/models) or pass "
+            "--pretrained=PATH to a weights file"
+        ) from e
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one training run works out before its first step, and its helpers."""
+
+    config: TrainConfig
+    strategy: Any
+    chief: bool
+    out_dir: str
+    splits: Any  # app.data.Splits
+    preprocessing: Preprocessing
+    steps_per_epoch: int
+    steps_per_execution: int
+    backup_every: int
+    state: training_state.RunState
+
+    @property
+    def distributed(self) -> bool:
+        return self.strategy.num_replicas_in_sync > 1 or is_multi_worker(self.strategy)
+
+    def say(self, *args) -> None:
+        if self.chief:
             print(*args, flush=True)
 
-    replicas = strategy.num_replicas_in_sync
-    if config.batch_size % replicas:
-        raise UsageError(
-            f"--batch_size={config.batch_size} (the global batch) does not divide over the "
-            f"{replicas} replicas of --strategy={config.strategy}; use a multiple of {replicas}"
+    def _dataset(self, make):
+        """`make(input_context)` as one dataset, or one per input pipeline when distributed."""
+        if self.distributed:
+            return self.strategy.distribute_datasets_from_function(make)
+        return make(None)
+
+    def train_data(self, epoch: int, step: int):
+        """The endless training batches from batch `step` of epoch `epoch` on."""
+        from app import data
+
+        c = self.config
+        return self._dataset(
+            lambda ctx: data.train_dataset(
+                self.splits.train,
+                self.preprocessing,
+                c.batch_size,
+                seed=c.seed,
+                augment=c.augment,
+                start_epoch=epoch,
+                start_step=step,
+                input_context=ctx,
+            )
         )
-    settings = settings_fingerprint(config, data_config)
+
+    def validation_data(self):
+        from app import data
+
+        return self._dataset(
+            lambda ctx: data.eval_dataset(
+                self.splits.validation, self.preprocessing, self.config.batch_size, ctx
+            )
+        )
+
+    def summary(self, run: training_state.RunState, completed: bool) -> dict[str, Any]:
+        """metrics.json."""
+        c = self.config
+        images = len(run.history) * self.steps_per_epoch * c.batch_size
+        return {
+            "completed": completed,
+            "best_val_accuracy": run.best,
+            "best_epoch": run.best_epoch,
+            "best_path": os.path.join(c.model_dir, BEST_FILE),
+            "epochs_done": len(run.history),
+            "epochs": c.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "global_batch_size": c.batch_size,
+            "replicas": self.strategy.num_replicas_in_sync,
+            "train_examples": self.splits.train.num_examples,
+            "validation_examples": self.splits.validation.num_examples,
+            "class_names": self.splits.class_names,
+            "normalization": self.preprocessing.name,
+            # Wall time inside model.fit over all restarts (validation included).
+            "train_seconds": round(run.train_seconds, 3),
+            "train_images_per_second": (
+                round(images / run.train_seconds, 1) if run.train_seconds > 0 else None
+            ),
+            "final": run.history[-1] if run.history else None,
+            "final_weights_sha256": run.final_weights_sha256 if completed else None,
+            "history": run.history,
+            "settings": run.settings,
+        }
+
+
+def _check_model_dir(config: TrainConfig, settings: dict[str, Any]):
+    """(metrics.json of a finished run, the backup of an unfinished one); refuses others."""
     finished = _finished_run(config.model_dir, settings)
     if finished is not None:
-        say(f"{config.model_dir} holds this run, finished; nothing to train.")
-        return TrainResult(
-            finished["best_val_accuracy"],
-            finished["best_epoch"],
-            os.path.join(config.model_dir, BEST_FILE),
-            finished["history"],
-            config.model_dir,
-            finished["final_weights_sha256"],
-            chief,
-            worker_name(strategy),
-        )
-    backup = load_backup(backup_path(config.model_dir))
+        return finished, None
+    backup = training_state.load_backup(training_state.backup_path(config.model_dir))
     if backup is not None:
         diff = training_state.first_difference(backup.state.settings, settings)
         if diff:
@@ -704,6 +786,35 @@ def _train(config, data_config, flags_text, strategy, chief, out_dir) -> TrainRe
                 f"({diff}); rerun with its flags (flags.txt) to resume it, or pass a new "
                 "--model_dir"
             )
+    return None, backup
+
+
+def _train(config, data_config, flags_text, strategy, chief, out_dir) -> TrainResult:
+    import tensorflow as tf
+
+    from app import data, plots
+
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise UsageError(
+            f"--batch_size={config.batch_size} (the global batch) does not divide over the "
+            f"{replicas} replicas of --strategy={config.strategy}; use a multiple of {replicas}"
+        )
+    settings = settings_fingerprint(config, data_config)
+    finished, backup = _check_model_dir(config, settings)
+    if finished is not None:
+        if chief:
+            print(f"{config.model_dir} holds this run, finished; nothing to train.", flush=True)
+        return TrainResult(
+            best_val_accuracy=finished["best_val_accuracy"],
+            best_epoch=finished["best_epoch"],
+            best_path=os.path.join(config.model_dir, BEST_FILE),
+            history=finished["history"],
+            model_dir=config.model_dir,
+            final_weights_sha256=finished["final_weights_sha256"],
+            is_chief=chief,
+            worker=worker_name(strategy),
+        )
 
     splits = data.load(data_config)
     steps_per_epoch = data.steps_per_epoch(splits.train, config.batch_size)
@@ -717,193 +828,65 @@ def _train(config, data_config, flags_text, strategy, chief, out_dir) -> TrainRe
     if backup_every and backup_every % spe:
         backup_every += spe - backup_every % spe  # backups fall between executions
     normalization = resolve_normalization(config.normalization, config.pretrained)
-    preprocessing = by_name(normalization, config.image_size)
-    class_names = splits.class_names
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    frozen_epochs = config.freeze_backbone_epochs
+    run = _Run(
+        config=config,
+        strategy=strategy,
+        chief=chief,
+        out_dir=out_dir,
+        splits=splits,
+        preprocessing=by_name(normalization, config.image_size),
+        steps_per_epoch=steps_per_epoch,
+        steps_per_execution=spe,
+        backup_every=backup_every,
+        state=backup.state if backup is not None else training_state.RunState(),
+    )
+    run.state.settings = settings
 
-    say(splits.summary())
-    say(
+    run.say(splits.summary())
+    run.say(
         f"{config.model} ({config.stem} stem, {normalization} normalisation, "
         f"{config.image_size}px), {config.epochs} epochs x {steps_per_epoch} steps of "
         f"{config.batch_size} images, {replicas} replica(s) ({type(strategy).__name__})"
         + (f", steps_per_execution {spe}" if spe > 1 else "")
     )
     if config.mixed_precision == "fp16" and not tf.config.list_logical_devices("GPU"):
-        say("note: --mixed_precision=fp16 is emulated on CPUs and very slow; use bf16 or none")
+        run.say("note: --mixed_precision=fp16 is emulated on CPUs and very slow; use bf16 or none")
     if spe != config.steps_per_execution:
-        say(
+        run.say(
             f"note: --steps_per_execution={config.steps_per_execution} does not divide the "
             f"{steps_per_epoch} steps of an epoch; using {spe}"
         )
 
-    os.makedirs(out_dir, exist_ok=True)
-    if flags_text:
-        write_text_atomic(os.path.join(out_dir, FLAGS_FILE), flags_text)
-    write_labels(out_dir, class_names)
-    preprocessing.save(out_dir)
-    images, labels = data.sample_images(splits.train, NUM_SAMPLES, data_config.seed)
-    plots.save_samples_grid(images, labels, class_names, os.path.join(out_dir, SAMPLES_FILE))
-
-    # --- model, in the strategy's scope
+    # The model, in the strategy's scope, before anything is written (weights may not load).
+    if config.pretrained == PRETRAINED_IMAGENET:
+        _fetch_imagenet_weights(config.model, len(splits.class_names))
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = build_model(config, len(class_names))
+        model = build_model(config, len(splits.class_names))
     element_spec = (
         tf.TensorSpec([None, config.image_size, config.image_size, 3], tf.float32),
         tf.TensorSpec([None], tf.int32),
     )
-    distributed = replicas > 1 or is_multi_worker(strategy)
-    if distributed:
+    if run.distributed:
         _work_around_keras_multi_worker(model, element_spec, is_multi_worker(strategy))
-    schedule = lr_schedule(config.lr, config.min_lr, total_steps, warmup_steps)
 
-    state = backup.state if backup is not None else RunState(settings=settings)
-    state.settings = settings
-    resumed_from = (state.epoch, state.step) if backup is not None else None
+    os.makedirs(out_dir, exist_ok=True)
+    if flags_text:
+        write_text_atomic(os.path.join(out_dir, FLAGS_FILE), flags_text)
+    write_labels(out_dir, splits.class_names)
+    run.preprocessing.save(out_dir)
+    images, labels = data.sample_images(splits.train, NUM_SAMPLES, data_config.seed)
+    plots.save_samples_grid(images, labels, splits.class_names, os.path.join(out_dir, SAMPLES_FILE))
+
     if backup is not None:
-        say(
-            f"Resuming from {backup.path}: epoch {state.epoch + 1}/{config.epochs}, "
-            f"step {state.step}/{steps_per_epoch}"
+        run.say(
+            f"Resuming from {backup.path}: epoch {run.state.epoch + 1}/{config.epochs}, "
+            f"step {run.state.step}/{steps_per_epoch}"
         )
+    resumed_from = (run.state.epoch, run.state.step) if backup is not None else None
+    records = _fit_phases(run, model, element_spec, backup)
 
-    # --- data
-
-    def train_data(epoch: int, step: int):
-        def make(ctx=None):
-            return data.train_dataset(
-                splits.train,
-                preprocessing,
-                config.batch_size,
-                seed=config.seed,
-                augment=config.augment,
-                start_epoch=epoch,
-                start_step=step,
-                input_context=ctx,
-            )
-
-        return strategy.distribute_datasets_from_function(make) if distributed else make()
-
-    def eval_data():
-        def make(ctx=None):
-            return data.eval_dataset(
-                splits.validation, preprocessing, config.batch_size, input_context=ctx
-            )
-
-        return strategy.distribute_datasets_from_function(make) if distributed else make()
-
-    validation = eval_data()
-
-    # --- callbacks (order matters at epoch end: checkpoint, records, backup)
-    best_path = os.path.join(out_dir, BEST_FILE)
-
-    def summary(run: RunState, completed: bool) -> dict[str, Any]:
-        return {
-            "completed": completed,
-            "best_val_accuracy": run.best,
-            "best_epoch": run.best_epoch,
-            "best_path": os.path.join(config.model_dir, BEST_FILE),
-            "epochs_done": len(run.history),
-            "epochs": config.epochs,
-            "steps_per_epoch": steps_per_epoch,
-            "global_batch_size": config.batch_size,
-            "replicas": replicas,
-            "train_examples": splits.train.num_examples,
-            "validation_examples": splits.validation.num_examples,
-            "class_names": class_names,
-            "normalization": normalization,
-            "train_seconds": round(run.train_seconds, 3),
-            "train_images_per_second": (
-                round(len(run.history) * steps_per_epoch * config.batch_size / run.train_seconds, 1)
-                if run.train_seconds > 0 and run.history
-                else None
-            ),
-            "final": run.history[-1] if run.history else None,
-            "final_weights_sha256": run.final_weights_sha256 if completed else None,
-            "history": run.history,
-            "settings": run.settings,
-        }
-
-    clock = training_callbacks.TrainingClock(state)
-    records = training_callbacks.RunRecords(
-        state,
-        out_dir,
-        config.epochs,
-        summary,
-        print_lines=config.verbose == 0,
-        prefix="" if chief else f"[{worker_name(strategy)}] ",
-    )
-    backup_writer = training_callbacks.MidEpochBackup(
-        state, backup_path(out_dir), backup_every, steps_per_epoch, clock
-    )
-    checkpoint = training_callbacks.AtomicModelCheckpoint(
-        best_path,
-        monitor="val_accuracy",
-        mode="max",
-        save_best_only=True,
-        initial_value_threshold=state.best,
-    )
-    tensorboard = training_callbacks.EpochSummaries(os.path.join(out_dir, LOGS_DIR))
-    records.write(completed=False)  # a resumed run drops rows of epochs it redoes
-
-    # --- train, phase by phase, the first epoch possibly half done
-    phase_frozen: bool | None = None
-    restore = backup
-    while state.epoch < config.epochs:
-        frozen = state.epoch < frozen_epochs
-        if frozen != phase_frozen:
-            with strategy.scope():
-                set_backbone_frozen(model, frozen)
-                compile_model(model, config, schedule, spe, element_spec)
-            phase = "frozen" if frozen else "full"
-            if restore is not None:
-                training_state.assign(
-                    model.variables, restore.arrays["model"], "model", restore.path
-                )
-            if restore is not None and restore.state.optimizer_phase == phase:
-                training_state.assign(
-                    model.optimizer.variables,
-                    restore.arrays["optimizer"],
-                    "optimizer",
-                    restore.path,
-                )
-            else:
-                # A new phase's optimizer continues the schedule where the last one stopped.
-                model.optimizer.iterations.assign(state.epoch * steps_per_epoch + state.step)
-            state.optimizer_phase = phase
-            phase_frozen = frozen
-            if frozen:
-                say(f"Training the head only for {frozen_epochs} epoch(s) (backbone frozen)")
-        end_epoch = state.epoch + 1 if state.step else (frozen_epochs if frozen else config.epochs)
-        metrics_values = (
-            restore.arrays.get("metrics") if restore is not None and state.step else None
-        )
-        restore = None
-        model.fit(
-            train_data(state.epoch, state.step),
-            initial_epoch=state.epoch,
-            epochs=end_epoch,
-            steps_per_epoch=steps_per_epoch - state.step,
-            validation_data=validation,
-            callbacks=[
-                training_callbacks.RestoreEpochMetrics(
-                    state.epoch,
-                    metrics_values,
-                    lambda variables, values: training_state.assign(
-                        variables, values, "metric", backup_path(config.model_dir)
-                    ),
-                ),
-                clock,
-                checkpoint,
-                records,
-                backup_writer,
-                tensorboard,
-            ],
-            verbose=config.verbose if chief else 0,
-            shuffle=False,  # the pipeline orders each epoch itself
-        )
-
+    state = run.state
     if state.best is None or not math.isfinite(state.best):
         raise UsageError(
             "training diverged: no epoch reached a finite validation accuracy; lower --lr"
@@ -911,15 +894,101 @@ def _train(config, data_config, flags_text, strategy, chief, out_dir) -> TrainRe
     state.final_weights_sha256 = weights_digest(model)
     records.write(completed=True)
     if not config.keep_backup:
-        shutil.rmtree(os.path.dirname(backup_path(out_dir)), ignore_errors=True)
+        shutil.rmtree(os.path.dirname(training_state.backup_path(out_dir)), ignore_errors=True)
     return TrainResult(
-        state.best,
-        state.best_epoch,
-        os.path.join(config.model_dir, BEST_FILE),
-        state.history,
-        config.model_dir,
-        state.final_weights_sha256,
-        chief,
-        worker_name(strategy),
-        resumed_from,
+        best_val_accuracy=state.best,
+        best_epoch=state.best_epoch,
+        best_path=os.path.join(config.model_dir, BEST_FILE),
+        history=state.history,
+        model_dir=config.model_dir,
+        final_weights_sha256=state.final_weights_sha256,
+        is_chief=chief,
+        worker=worker_name(strategy),
+        resumed_from=resumed_from,
     )
+
+
+def _fit_phases(run: _Run, model: keras.Model, element_spec, backup):
+    """`model.fit` from where the run stands to the end; returns the RunRecords callback.
+
+    One `fit` per phase (frozen backbone, then full), and one more for a half-done epoch
+    of a resumed run. The first phase compiled restores the backup's variables.
+    """
+    from app import training_callbacks
+    from app.training_state import backup_path
+
+    config, state, out_dir = run.config, run.state, run.out_dir
+    steps_per_epoch, frozen_epochs = run.steps_per_epoch, config.freeze_backbone_epochs
+    schedule = lr_schedule(
+        config.lr,
+        config.min_lr,
+        config.epochs * steps_per_epoch,
+        round(config.warmup_epochs * steps_per_epoch),
+    )
+    # Callbacks, in the order they must run at an epoch end: checkpoint, records, backup.
+    clock = training_callbacks.TrainingClock(state)
+    checkpoint = training_callbacks.AtomicModelCheckpoint(
+        os.path.join(out_dir, BEST_FILE),
+        monitor="val_accuracy",
+        mode="max",
+        save_best_only=True,
+        initial_value_threshold=state.best,
+    )
+    records = training_callbacks.RunRecords(
+        state,
+        out_dir,
+        config.epochs,
+        run.summary,
+        print_lines=config.verbose == 0,
+        prefix="" if run.chief else f"[{worker_name(run.strategy)}] ",
+    )
+    backups = training_callbacks.MidEpochBackup(
+        state, backup_path(out_dir), run.backup_every, steps_per_epoch, clock
+    )
+    summaries = training_callbacks.EpochSummaries(os.path.join(out_dir, LOGS_DIR))
+    records.write(completed=False)  # a resumed run drops rows of epochs it redoes
+    validation = run.validation_data()
+
+    backup_file = backup.path if backup is not None else ""
+
+    def assign(variables, values, what):
+        training_state.assign(variables, values, what, backup_file)
+
+    phase = None
+    while state.epoch < config.epochs:
+        frozen = state.epoch < frozen_epochs
+        if phase != ("frozen" if frozen else "full"):
+            phase = "frozen" if frozen else "full"
+            with run.strategy.scope():
+                set_backbone_frozen(model, frozen)
+                compile_model(model, config, schedule, run.steps_per_execution, element_spec)
+            if backup is not None:
+                assign(model.variables, backup.arrays["model"], "model")
+            if backup is not None and backup.state.optimizer_phase == phase:
+                assign(model.optimizer.variables, backup.arrays["optimizer"], "optimizer")
+            else:
+                # A new phase's optimizer continues the schedule where the last one stopped.
+                model.optimizer.iterations.assign(state.epoch * steps_per_epoch + state.step)
+            state.optimizer_phase = phase
+            if frozen:
+                run.say(f"Training the head only for {frozen_epochs} epoch(s) (backbone frozen)")
+        # A half-done epoch is a fit of its own, with its metric sums put back first.
+        end_epoch = state.epoch + 1 if state.step else (frozen_epochs if frozen else config.epochs)
+        epoch_metrics = backup.arrays.get("metrics") if backup is not None and state.step else None
+        restore_metrics = training_callbacks.RestoreEpochMetrics(
+            state.epoch,
+            epoch_metrics,
+            lambda variables, values: assign(variables, values, "metric"),
+        )
+        backup = None  # restored
+        model.fit(
+            run.train_data(state.epoch, state.step),
+            initial_epoch=state.epoch,
+            epochs=end_epoch,
+            steps_per_epoch=steps_per_epoch - state.step,
+            validation_data=validation,
+            callbacks=[restore_metrics, clock, checkpoint, records, backups, summaries],
+            verbose=config.verbose if run.chief else 0,
+            shuffle=False,  # the pipeline orders each epoch itself
+        )
+    return records

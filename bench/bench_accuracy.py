@@ -24,9 +24,7 @@ from app import cli
 from bench import common
 
 DEFAULT_CASES = ("ours-imagenet-f32", "ours-imagenet-f32+mm+fbn", "ours-imagenet-bf16+mm+fbn")
-DEFAULT_DATA_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "cifar10"
-)
+DEFAULT_DATA_DIR = common.shared_cifar10_dir()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,17 +33,7 @@ from bench import common
 ALL_ROWS = ("keras_predict", "tf_function", "tf_function_bf16", "saved_model")
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
-# The shared real CIFAR-10 images (tests/conftest.py finds them the same way).
-DEFAULT_DATA_DIR = os.environ.get(
-    "SHARED_DATA_CIFAR10",
-    os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        "..",
-        "shared",
-        "data",
-        "cifar10",
-    ),
-)
+DEFAULT_DATA_DIR = common.shared_cifar10_dir()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Each case (the `bench.bench_train` case names) runs in its own Python process, so the figure
 is what a training process needs: TensorFlow and Keras loaded, the model built and compiled,
 `--steps` `model.fit` steps on the synthetic 32x32 batches of `bench.bench_train`. Reported:
-the process's resident set after building the model, and its peak (`ru_maxrss`) by the end.
+the process's resident set after building the model, and its peak (VmHWM) by the end.
 
 Usage:
     python -m bench.bench_memory --cases=ours-imagenet-f32,ours-imagenet-bf16
@@ -42,6 +42,25 @@ class Memory:
     seconds: float
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this address space. Not
+    `ru_maxrss`: Linux keeps that across fork and exec, so a child of a big process (as under
+    `bench.run_all`) reports its parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    # Elsewhere: ru_maxrss is KiB on Linux-likes, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def child(case_name: str, batch_size: int, steps: int) -> dict:
     """Runs in the measured process: build, compile, `steps` fit steps; returns the figures."""
     import time
@@ -57,8 +76,7 @@ def child(case_name: str, batch_size: int, steps: int) -> dict:
     after_build = psutil.Process().memory_info().rss
     ds = bench_train.synthetic_dataset(batch_size)
     model.fit(ds, steps_per_epoch=steps * case.steps_per_execution, epochs=1, verbose=0)
-    # Linux reports ru_maxrss in KiB.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {
         "case": case_name,
         "after_build_mib": after_build / 2**20,

@@ -38,6 +38,13 @@ class Stats:
         return (self.high - self.low) / self.median if self.median else float("nan")
 
 
+def shared_cifar10_dir() -> str:
+    """The real CIFAR-10 images beside the repository ($SHARED_DATA/cifar10, as the tests)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shared = os.environ.get("SHARED_DATA", os.path.join(repo, "..", "shared", "data"))
+    return os.path.normpath(os.path.join(shared, "cifar10"))
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process (all threads), in seconds."""
     t = os.times()

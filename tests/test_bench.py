@@ -140,3 +140,22 @@ def test_table_and_stats():
     assert text.splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 2.5 |", "| x | 1234 |"]
     with pytest.raises(ValueError):
         common.Stats.of([])
+
+
+def test_peak_rss_is_the_childs_own_not_its_parents():
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    parent = np.ones(800 * 2**20 // 8)  # touched: the parent's peak is >= 800 MiB
+    child = (
+        "import numpy as np; from bench import bench_memory; "
+        "a = np.ones(300 * 2**20 // 8); del a; print(bench_memory.peak_rss_bytes())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, check=True, cwd=repo
+    )
+    peak_mib = int(done.stdout.split()[-1]) / 2**20
+    assert 300 <= peak_mib < 700, peak_mib
+    del parent

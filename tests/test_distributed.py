@@ -239,22 +239,26 @@ def test_killed_three_times_then_finished_equals_never_killed(tmp_path, data_fla
     model_dir = tmp_path / "killed"
     seed = int(time.time())
     rng = random.Random(seed)
-    last = previous = (-1, 0)
-    for kill in range(3):
+    # Backups fall every 2 of the 4 steps of an epoch; kill once in each epoch, a random
+    # moment (up to 0.4 s: a few steps) after a randomly chosen backup has appeared.
+    targets = [(0, 2), rng.choice([(1, 0), (1, 2)]), rng.choice([(2, 0), (2, 2)])]
+    previous = (-1, 0)
+    for kill, target in enumerate(targets):
         log = tmp_path / f"run{kill}.log"
         proc = start_train(model_dir, *flags, log=open(log, "w"))  # noqa: SIM115
         try:
-            # Kill at a random moment after this run has made progress of its own.
-            last = wait_for_backup(model_dir, last, proc)
-            time.sleep(rng.uniform(0.0, 1.0))
+            reached = wait_for_backup(model_dir, (target[0], target[1] - 1), proc)
+            time.sleep(rng.uniform(0.0, 0.4))
+            last = training_state.read_state(training_state.backup_path(str(model_dir)))
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, (seed, "finished before the kill")
         resumed = resumed_position(log.read_text())
         if kill:
             # Resumed from the last backup before the kill: at most one interval redone.
             assert resumed is not None and resumed >= previous, (seed, resumed, previous)
-        previous = last
+        previous = max(reached, (last.epoch, last.step)) if last else reached
         rows = [row["epoch"] for row in history_rows(model_dir)]
         assert rows == list(range(1, len(rows) + 1)), (seed, rows)  # none lost or doubled
         if (model_dir / "best.keras").exists():

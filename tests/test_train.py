@@ -330,6 +330,43 @@ def test_helpfull_documents_every_setting():
     assert not missing
 
 
+RECIPES = ("cifar10_tutorial", "cifar10_finetune", "cifar10_scratch", "cifar10_cpu_quick")
+# Left to the command line: where the data is, and limits for quick runs.
+NOT_IN_RECIPES = {"data_dir", "train_limit", "eval_limit"}
+
+
+def test_recipes_are_complete_and_valid():
+    """Every recipe sets every flag (but data location/limits) to a value the trainer accepts."""
+    script = f"""
+import json
+from absl import flags
+from app import train, training
+train.define_flags()
+out = {{}}
+for name in {list(RECIPES)!r}:
+    values = flags.FlagValues()
+    path = f"app/configs/{{name}}.flags"
+    given = set()
+    for line in open(path):
+        if line.startswith("--"):
+            flag = line.strip()[2:].split("=")[0]
+            given.add(flag[2:] if flag.startswith("no") and flag[2:] in train._RECORDED else flag)
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["train", f"--flagfile={{path}}"])
+    config = train.config_from_flags()
+    training.check_config(config)
+    out[name] = {{"missing": sorted(set(train._RECORDED) - given), "model_dir": config.model_dir}}
+print(json.dumps(out))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in RECIPES:
+        assert set(report[name]["missing"]) <= NOT_IN_RECIPES, (name, report[name])
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -471,6 +508,24 @@ def test_training_writes_every_file_learns_and_flags_txt_reproduces_it(tmp_path,
     assert "nothing to train" in result3.stdout
     assert result3.stdout.strip().splitlines()[-1] == lines[-1]
     assert time.monotonic() - started < 60
+
+    # Fine-tuning from it: head-only first epoch, then everything (recompiled).
+    tuned = tmp_path / "tuned"
+    result4 = run_train(
+        tuned,
+        f"--data_dir={cifar10_dir}",
+        *LEARNING_RUN,
+        f"--pretrained={model_dir / 'best.keras'}",
+        "--freeze_backbone_epochs=1",
+        "--train_limit=256",
+        "--eval_limit=64",
+        "--lr=0.002",
+    )
+    assert result4.returncode == 0, result4.stderr[-3000:]
+    assert "Training the head only for 1 epoch(s)" in result4.stdout
+    assert [row["epoch"] for row in history_rows(tuned)] == [1, 2]
+    # The learning rate follows one schedule across the two phases.
+    assert history_rows(tuned)[1]["learning_rate"] == pytest.approx(0.0, abs=1e-9)
 
 
 # Tiny and quick: the point is resumption, not learning.
