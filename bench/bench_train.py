@@ -18,8 +18,12 @@ A case is written `<model>-<stem>-<precision>[+option...]`:
   options    xla (compile(jit_compile=True)), spe<N> (steps_per_execution=N),
              v1 (ours with the stride on the 1x1 conv, as keras.applications),
              nchw (keras only: channels_first layout),
-             mm (1x1 and other matmul-shaped convolutions as one matmul: bench.matmul_conv),
-             fbn (batch norm through TensorFlow's fused kernel in training: bench.fused_bn)
+             mm (1x1 and other matmul-shaped convolutions as one matmul:
+                 models.layers.MatmulConv2D),
+             fbn (batch norm through TensorFlow's fused kernel in training:
+                 models.layers.FusedBatchNormalization)
+             Without mm/fbn a case has stock Conv2D/BatchNormalization layers, ours included
+             (`models.resnet` itself builds with both: ours-...+mm+fbn is what app.train runs).
 
 Usage:
     python -m bench.bench_train --cases=ours-imagenet-f32,keras-imagenet-f32 --repeats=3
@@ -39,14 +43,20 @@ from absl import flags
 from app import cli
 from bench import common
 
-# The comparison of the issue: both networks, both stems, both precisions.
+# The comparison of the issue, pairwise: ours (as models.resnet builds it) and keras.applications,
+# both stems, both precisions.
 MAIN_CASES = (
-    "ours-imagenet-f32",
+    "ours-imagenet-f32+mm+fbn",
     "keras-imagenet-f32",
-    "ours-imagenet-bf16",
+    "ours-imagenet-bf16+mm+fbn",
     "keras-imagenet-bf16",
 )
-CIFAR_CASES = ("ours-cifar-f32", "keras-up128-f32", "ours-cifar-bf16", "keras-up128-bf16")
+CIFAR_CASES = (
+    "ours-cifar-f32+mm+fbn",
+    "keras-up128-f32",
+    "ours-cifar-bf16+mm+fbn",
+    "keras-up128-bf16",
+)
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
 _POLICIES = {"f32": "float32", "bf16": "mixed_bfloat16"}
@@ -116,15 +126,12 @@ def build_model(case: Case):
     """Builds the case's model under its precision policy (the global policy is restored)."""
     import keras
 
-    model = _build(case)
-    if not (case.matmul_convs or case.fused_bn):
-        return model
-    from bench import fused_bn
+    from bench import variants
 
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(case.policy)
     try:
-        return fused_bn.convert(model, batch_norm=case.fused_bn, matmul_convs=case.matmul_convs)
+        return variants.convert(_build(case), case.matmul_convs, case.fused_bn)
     finally:
         keras.mixed_precision.set_global_policy(previous)
 

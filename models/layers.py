@@ -1,4 +1,8 @@
-"""Layers the ResNet builders use beyond stock Keras."""
+"""Layers the ResNet builders use beyond stock Keras: same configs, weights and names.
+
+Both exist for training speed on CPUs (`make bench`; BUILD.md, Benchmarks) and compute exactly
+what the stock layer computes; checkpoints and ImageNet weights are interchangeable.
+"""
 
 from __future__ import annotations
 
@@ -45,3 +49,60 @@ class MatmulConv2D(keras.layers.Conv2D):
             y = ops.matmul(ops.reshape(inputs, (-1, channels)), kernel[kh // 2, kw // 2])
             return ops.reshape(y, (-1, 1, 1, self.filters))
         return super().convolution_op(inputs, kernel)
+
+
+@keras.saving.register_keras_serializable(package="resnet")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """A `BatchNormalization` whose training step is TensorFlow's fused kernel.
+
+    Why: Keras 3's batch norm on TensorFlow is not fused: in training it casts to float32,
+    takes `moments` and normalises, and autodiff makes a dozen element-wise ops of each layer;
+    on a 2-core CPU they take 40% (float32) to 70% (bfloat16) of a ResNet-50 step, more than
+    the convolutions. `FusedBatchNormV3` (oneDNN; bfloat16 too) does the forward pass in one
+    kernel and the backward pass in another, as tf.keras 2 did with `fused=True`
+    (`python -m bench.bench_train --cases=ours-imagenet-bf16+mm,ours-imagenet-bf16+mm+fbn`).
+
+    Only the training call of 4-D channels-last input on the TensorFlow backend, without
+    mask, renorm or synchronisation, takes that path; anything else, inference included, is
+    the stock layer's code. Same arithmetic: normalised with the biased batch variance, whose
+    moving average is kept, as Keras keeps it (the kernel returns the unbiased one).
+    """
+
+    def _fusable(self, inputs, training, mask) -> bool:
+        return (
+            bool(training)
+            and self.trainable
+            and mask is None
+            and keras.backend.backend() == "tensorflow"
+            and len(inputs.shape) == 4
+            and self.axis in (-1, 3)
+            and self.center
+            and self.scale
+            and not self.renorm
+            and not self.synchronized
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fusable(inputs, training, mask):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf  # this backend only: `models` imports no TensorFlow
+
+        empty = tf.constant([], tf.float32)
+        outputs, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs,
+            scale=tf.convert_to_tensor(self.gamma),
+            offset=tf.convert_to_tensor(self.beta),
+            mean=empty,
+            variance=empty,
+            epsilon=self.epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=True,
+        )
+        count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
+        variance = variance * (count - 1.0) / tf.maximum(count, 1.0)  # unbiased -> biased
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(
+            self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
+        )
+        return tf.cast(outputs, self.compute_dtype)

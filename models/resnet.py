@@ -21,7 +21,7 @@ from typing import Literal
 import keras
 from keras import layers
 
-from models.layers import MatmulConv2D
+from models.layers import FusedBatchNormalization, MatmulConv2D
 
 Stem = Literal["imagenet", "cifar"]
 StrideOn = Literal["1x1", "3x3"]
@@ -73,7 +73,7 @@ def conv_bn(
         kernel_initializer="he_normal",
         name=f"{name}_conv",
     )(x)
-    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    x = FusedBatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
     if activation:
         x = layers.Activation("relu", name=f"{name}_relu")(x)
     return x

@@ -3,10 +3,9 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from app.common import UsageError
-from bench import bench_train, common, fused_bn, matmul_conv
+from bench import bench_train, common, variants
 
 
 def test_forward_flops_counts_conv_depthwise_and_dense_exactly():
@@ -28,91 +27,26 @@ def test_forward_flops_of_resnet50_matches_the_published_figure():
     assert common.forward_flops(model) / 2e9 == pytest.approx(3.858, abs=0.002)
 
 
-@pytest.mark.parametrize(
-    "size, kernel, strides, padding",
-    [
-        (4, 1, 1, "same"),  # plain 1x1
-        (5, 1, 2, "same"),  # strided 1x1 on an odd size
-        (4, 1, 2, "valid"),
-        (4, 3, 2, "valid"),  # one output position: a single patch
-        (1, 3, 1, "same"),  # 1x1 input: only the centre tap meets data
-        (6, 3, 1, "same"),  # not matmul-shaped: the ordinary convolution
-    ],
-)
-def test_matmul_conv_is_the_same_arithmetic_as_conv2d(size, kernel, strides, padding):
-    inputs = keras.Input((size, size, 5))
-    conv = keras.Model(inputs, keras.layers.Conv2D(7, kernel, strides, padding)(inputs))
-    fast = matmul_conv.convert(conv)
-    assert isinstance(fast.layers[-1], matmul_conv.MatmulConv2D)
-    fast.set_weights(conv.get_weights())
-    x = tf.constant(np.random.default_rng(0).standard_normal((3, size, size, 5)), tf.float32)
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(x)
-        y_conv, y_fast = conv(x), fast(x)
-        loss_conv = tf.reduce_sum(y_conv * tf.range(1.0, 1.0 + y_conv.shape[-1]))
-        loss_fast = tf.reduce_sum(y_fast * tf.range(1.0, 1.0 + y_fast.shape[-1]))
-    np.testing.assert_allclose(y_fast, y_conv, rtol=1e-5, atol=1e-5)
-    for a, b in zip(
-        tape.gradient(loss_fast, [x, *fast.trainable_weights]),
-        tape.gradient(loss_conv, [x, *conv.trainable_weights]),
-        strict=True,
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-def test_matmul_resnet50_matches_the_convolution_model():
+def test_variants_swap_the_layers_both_ways_and_keep_the_function():
     from models import resnet
+    from models.layers import FusedBatchNormalization, MatmulConv2D
 
-    model = resnet.resnet50(num_classes=10, input_shape=(32, 32, 3))
-    fast = matmul_conv.convert(model)
-    fast.set_weights(model.get_weights())
+    model = resnet.resnet18(num_classes=10, input_shape=(32, 32, 3))  # built with both
+    plain = variants.convert(model, matmul_convs=False, fused_bn=False)
+    kinds = {type(layer) for layer in plain.layers}
+    assert keras.layers.Conv2D in kinds and keras.layers.BatchNormalization in kinds
+    assert not kinds & {MatmulConv2D, FusedBatchNormalization}
+    assert [layer.name for layer in plain.layers] == [layer.name for layer in model.layers]
+    plain.set_weights(model.get_weights())
     x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
-    np.testing.assert_allclose(
-        fast(x, training=False), model(x, training=False), rtol=1e-4, atol=1e-4
-    )
-
-
-def test_matmul_conv_model_saves_and_reloads_in_safe_mode(tmp_path):
-    inputs = keras.Input((4, 4, 3))
-    x = keras.layers.Conv2D(4, 1, strides=2)(inputs)
-    fast = matmul_conv.convert(keras.Model(inputs, keras.layers.Conv2D(5, 2)(x)))
-    path = str(tmp_path / "fast.keras")
-    fast.save(path)
-    reloaded = keras.saving.load_model(path)  # safe mode: the layer class is registered
-    assert [type(layer) for layer in reloaded.layers] == [type(layer) for layer in fast.layers]
-    x = np.random.default_rng(2).standard_normal((2, 4, 4, 3)).astype(np.float32)
-    np.testing.assert_allclose(reloaded(x), fast(x), rtol=1e-6)
-
-
-def test_fused_batch_norm_trains_exactly_like_keras_batch_norm():
-    inputs = keras.Input((4, 4, 6))
-    bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1.001e-5)
-    model = keras.Model(inputs, keras.layers.Activation("relu")(bn(inputs)))
-    fused = fused_bn.convert(model)
-    assert isinstance(fused.layers[1], fused_bn.FusedBatchNormalization)
-    rng = np.random.default_rng(3)
-    weights = [rng.uniform(0.5, 1.5, w.shape).astype(np.float32) for w in model.get_weights()]
-    model.set_weights(weights)
-    fused.set_weights(weights)
-    x = tf.constant(rng.standard_normal((8, 4, 4, 6)) * 3 + 1, tf.float32)
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(x)
-        y_plain, y_fused = model(x, training=True), fused(x, training=True)
-        loss_plain = tf.reduce_sum(y_plain * tf.range(1.0, 7.0))
-        loss_fused = tf.reduce_sum(y_fused * tf.range(1.0, 7.0))
-    np.testing.assert_allclose(y_fused, y_plain, rtol=1e-5, atol=1e-5)
-    # Moving mean and variance (the biased one, as Keras keeps it) after one training call.
-    for a, b in zip(fused.get_weights(), model.get_weights(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(
-        tape.gradient(loss_fused, [x, *fused.trainable_weights]),
-        tape.gradient(loss_plain, [x, *model.trainable_weights]),
-        strict=True,
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(
-        fused(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(plain(x), model(x), rtol=1e-4, atol=1e-4)
+    # keras.applications (a model nested in the case's wrapper) gets the fast layers too.
+    inputs = keras.Input((32, 32, 3))
+    net = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
+    fast = variants.convert(keras.Model(inputs, net(inputs)), matmul_convs=True, fused_bn=True)
+    inner = {type(layer) for layer in fast.layers[-1].layers}
+    assert {MatmulConv2D, FusedBatchNormalization} <= inner
+    assert keras.layers.BatchNormalization not in inner
 
 
 def test_case_names_parse_and_bad_ones_fail_with_one_line():

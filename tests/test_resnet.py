@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from models import resnet, weights
+from models.layers import FusedBatchNormalization, MatmulConv2D
 
 TORCHVISION_PARAMS = {
     "resnet18": 11_689_512,
@@ -207,35 +208,110 @@ def test_mixed_precision_logits_are_float32():
 
 
 def test_models_package_imports_no_tensorflow():
+    """`models` builds with Keras alone: no module imports TensorFlow at import time (the
+    fused batch norm imports it inside its TensorFlow-backend branch only)."""
+
+    def module_level(nodes):
+        for node in nodes:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            yield node
+            if isinstance(node, ast.ClassDef | ast.If | ast.Try | ast.With):
+                yield from module_level(ast.iter_child_nodes(node))
+
     for path in pathlib.Path(resnet.__file__).parent.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
+        for node in module_level(ast.parse(path.read_text()).body):
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             assert not any(n.split(".")[0] == "tensorflow" for n in names), path
+    source = (pathlib.Path(resnet.__file__).parent / "layers.py").read_text()
+    assert source.count("import tensorflow") == 1  # the one, after the backend check
 
 
 @pytest.mark.parametrize(
     "size, kernel, strides, padding",
     [
-        (4, 1, 1, "same"),
-        (5, 1, 2, "valid"),
+        (4, 1, 1, "same"),  # plain 1x1
+        (5, 1, 2, "valid"),  # strided 1x1 on an odd size
         (3, 3, 2, "valid"),  # one 3x3 patch: a 1x1 output
         (1, 3, 1, "same"),  # only the centre tap meets data
         (6, 3, 1, "same"),  # ordinary convolution
     ],
 )
 def test_matmul_conv_is_the_same_arithmetic_as_conv2d(size, kernel, strides, padding):
-    from models.layers import MatmulConv2D
+    """Outputs and gradients (input and kernel) equal the stock layer's."""
+    import tensorflow as tf
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, size, size, 8)).astype("float32")
+    x = tf.constant(rng.normal(size=(2, size, size, 8)).astype("float32"))
     plain = keras.layers.Conv2D(5, kernel, strides=strides, padding=padding, use_bias=False)
     fast = MatmulConv2D(5, kernel, strides=strides, padding=padding, use_bias=False)
     plain.build(x.shape)
     fast.build(x.shape)
     fast.set_weights(plain.get_weights())
-    np.testing.assert_allclose(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y_plain, y_fast = plain(x), fast(x)
+        weights = tf.range(1.0, 6.0)
+        loss_plain, loss_fast = tf.reduce_sum(y_plain * weights), tf.reduce_sum(y_fast * weights)
+    np.testing.assert_allclose(y_fast, y_plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(
+        tape.gradient(loss_fast, [x, fast.kernel]),
+        tape.gradient(loss_plain, [x, plain.kernel]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_trains_exactly_like_keras_batch_norm(policy):
+    """Training outputs, gradients and moving statistics (biased variance) equal the stock
+    layer's; inference is the stock code."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        plain = keras.layers.BatchNormalization(momentum=0.9, epsilon=1.001e-5)
+        fused = FusedBatchNormalization(momentum=0.9, epsilon=1.001e-5)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = tf.constant(rng.standard_normal((8, 4, 4, 6)) * 3 + 1, plain.compute_dtype)
+    plain.build(x.shape)
+    fused.build(x.shape)
+    start = [rng.uniform(0.5, 1.5, w.shape).astype(np.float32) for w in plain.get_weights()]
+    plain.set_weights(start)
+    fused.set_weights(start)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y_plain, y_fused = plain(x, training=True), fused(x, training=True)
+        weights = tf.range(1.0, 7.0)
+        loss_plain = tf.reduce_sum(tf.cast(y_plain, tf.float32) * weights)
+        loss_fused = tf.reduce_sum(tf.cast(y_fused, tf.float32) * weights)
+    assert y_fused.dtype == y_plain.dtype == x.dtype
+    tol = 1e-5 if policy == "float32" else 2e-2  # bfloat16 outputs: 8 bits of mantissa
+    np.testing.assert_allclose(np.float32(y_fused), np.float32(y_plain), rtol=tol, atol=tol)
+    for a, b in zip(fused.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(
+        tape.gradient(loss_fused, [x, *fused.trainable_weights]),
+        tape.gradient(loss_plain, [x, *plain.trainable_weights]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol * 10, atol=tol * 10)
+    np.testing.assert_allclose(
+        np.float32(fused(x, training=False)), np.float32(plain(x, training=False)), rtol=tol
+    )
+
+
+def test_fast_layers_save_and_reload_in_safe_mode(tmp_path):
+    model = resnet.resnet18(num_classes=10, input_shape=(32, 32, 3))
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)  # safe mode: both classes are registered
+    assert [type(layer) for layer in reloaded.layers] == [type(layer) for layer in model.layers]
+    assert isinstance(reloaded.get_layer("conv2_block1_1_bn"), FusedBatchNormalization)
+    assert isinstance(reloaded.get_layer("conv2_block1_1_conv"), MatmulConv2D)
