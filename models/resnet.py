@@ -42,6 +42,7 @@ def conv_bn(
     kernel_size: int,
     strides: int = 1,
     activation: bool = True,
+    zero_gamma: bool = False,
     name: str = "conv",
 ):
     """Bias-free convolution, batch norm and optional ReLU.
@@ -55,6 +56,7 @@ def conv_bn(
         kernel_size: square kernel size.
         strides: convolution stride.
         activation: whether to append a ReLU named `{name}_relu`.
+        zero_gamma: start the batch norm's scale at 0 (see `zero_init_last`).
         name: prefix; layers are `{name}_conv`, `{name}_bn`, `{name}_relu`.
 
     Returns:
@@ -73,7 +75,12 @@ def conv_bn(
         kernel_initializer="he_normal",
         name=f"{name}_conv",
     )(x)
-    x = FusedBatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    x = FusedBatchNormalization(
+        epsilon=BN_EPSILON,
+        momentum=BN_MOMENTUM,
+        gamma_initializer="zeros" if zero_gamma else "ones",
+        name=f"{name}_bn",
+    )(x)
     if activation:
         x = layers.Activation("relu", name=f"{name}_relu")(x)
     return x
@@ -87,7 +94,12 @@ def _shortcut(x, filters: int, strides: int, name: str):
 
 
 def basic_block(
-    x, filters: int, strides: int = 1, stride_on: StrideOn = "3x3", name: str = "block"
+    x,
+    filters: int,
+    strides: int = 1,
+    stride_on: StrideOn = "3x3",
+    zero_init_last: bool = True,
+    name: str = "block",
 ):
     """Building block of ResNet-18/34: two 3x3 conv-BN, expansion 1.
 
@@ -96,6 +108,7 @@ def basic_block(
         filters: output channels of both convolutions.
         strides: stride of the first convolution and the shortcut.
         stride_on: unused (both convolutions are 3x3); kept for one block signature.
+        zero_init_last: see `resnet`.
         name: block prefix, e.g. `conv2_block1`.
 
     Returns:
@@ -104,7 +117,7 @@ def basic_block(
     del stride_on
     shortcut = _shortcut(x, filters, strides, name)
     x = conv_bn(x, filters, 3, strides=strides, name=f"{name}_1")
-    x = conv_bn(x, filters, 3, activation=False, name=f"{name}_2")
+    x = conv_bn(x, filters, 3, activation=False, zero_gamma=zero_init_last, name=f"{name}_2")
     x = layers.Add(name=f"{name}_add")([shortcut, x])
     return layers.Activation("relu", name=f"{name}_out")(x)
 
@@ -113,7 +126,12 @@ basic_block.expansion = 1
 
 
 def bottleneck_block(
-    x, filters: int, strides: int = 1, stride_on: StrideOn = "3x3", name: str = "block"
+    x,
+    filters: int,
+    strides: int = 1,
+    stride_on: StrideOn = "3x3",
+    zero_init_last: bool = True,
+    name: str = "block",
 ):
     """Bottleneck of ResNet-50/101/152: 1x1 reduce, 3x3, 1x1 expand (x4).
 
@@ -124,6 +142,7 @@ def bottleneck_block(
         stride_on: "3x3" puts the stride on the 3x3 conv (ResNet v1.5, the
             reference tutorial); "1x1" on the first 1x1 (the original paper,
             `keras.applications.ResNet50`).
+        zero_init_last: see `resnet`.
         name: block prefix, e.g. `conv2_block1`.
 
     Returns:
@@ -135,7 +154,7 @@ def bottleneck_block(
     stride_1x1, stride_3x3 = (strides, 1) if stride_on == "1x1" else (1, strides)
     x = conv_bn(x, filters, 1, strides=stride_1x1, name=f"{name}_1")
     x = conv_bn(x, filters, 3, strides=stride_3x3, name=f"{name}_2")
-    x = conv_bn(x, 4 * filters, 1, activation=False, name=f"{name}_3")
+    x = conv_bn(x, 4 * filters, 1, activation=False, zero_gamma=zero_init_last, name=f"{name}_3")
     x = layers.Add(name=f"{name}_add")([shortcut, x])
     return layers.Activation("relu", name=f"{name}_out")(x)
 
@@ -150,6 +169,7 @@ def make_layer(
     blocks: int,
     strides: int,
     stride_on: StrideOn = "3x3",
+    zero_init_last: bool = True,
     name: str = "conv2",
 ):
     """A stage of `blocks` residual blocks; only the first one strides.
@@ -161,6 +181,7 @@ def make_layer(
         blocks: number of blocks.
         strides: stride of the first block.
         stride_on: see `bottleneck_block`.
+        zero_init_last: see `resnet`.
         name: stage prefix; blocks are `{name}_block1` ... `{name}_block{blocks}`.
 
     Returns:
@@ -172,6 +193,7 @@ def make_layer(
             filters,
             strides=strides if i == 1 else 1,
             stride_on=stride_on,
+            zero_init_last=zero_init_last,
             name=f"{name}_block{i}",
         )
     return x
@@ -203,6 +225,7 @@ def resnet(
     dropout: float = 0.0,
     stride_on: StrideOn | None = None,
     pooling: Literal["avg", "max"] | None = None,
+    zero_init_last: bool = True,
     name: str = "resnet",
 ) -> keras.Model:
     """Builds a ResNet v1 with the functional API.
@@ -220,6 +243,11 @@ def resnet(
         stride_on: see `bottleneck_block`. None means "1x1" for Keras
             Applications weights (the layout they were trained with), else "3x3".
         pooling: without the top, optional global pooling of the last stage.
+        zero_init_last: start the scale (gamma) of each block's last batch norm at 0, so
+            every block starts as the identity (Goyal et al. 2017; timm's default,
+            torchvision's `zero_init_residual`). Without it the residual sum grows with
+            depth and a fresh ResNet-50's logits are large enough to give an initial loss
+            of 4-5 on 10 classes. Loaded weights replace the initial values.
         name: model name.
 
     Returns:
@@ -240,7 +268,7 @@ def resnet(
     for i, (stage, blocks) in enumerate(zip(STAGE_NAMES, blocks_per_stage, strict=True)):
         # The CIFAR stem keeps 32x32 into conv2; ImageNet's max-pool already halved it.
         strides = 1 if i == 0 else 2
-        x = make_layer(x, block, filters, blocks, strides, stride_on, name=stage)
+        x = make_layer(x, block, filters, blocks, strides, stride_on, zero_init_last, name=stage)
         filters *= 2
 
     if include_top:
@@ -280,6 +308,7 @@ def build(
     dropout: float = 0.0,
     stride_on: StrideOn | None = None,
     pooling: Literal["avg", "max"] | None = None,
+    zero_init_last: bool = True,
 ) -> keras.Model:
     """Builds a ResNet by name ("resnet18" ... "resnet152"); see `resnet`."""
     if arch not in _ARCHS:
@@ -296,6 +325,7 @@ def build(
         dropout=dropout,
         stride_on=stride_on,
         pooling=pooling,
+        zero_init_last=zero_init_last,
         name=arch,
     )
 

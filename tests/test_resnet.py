@@ -315,3 +315,22 @@ def test_fast_layers_save_and_reload_in_safe_mode(tmp_path):
     assert [type(layer) for layer in reloaded.layers] == [type(layer) for layer in model.layers]
     assert isinstance(reloaded.get_layer("conv2_block1_1_bn"), FusedBatchNormalization)
     assert isinstance(reloaded.get_layer("conv2_block1_1_conv"), MatmulConv2D)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_blocks_start_as_the_identity(arch):
+    """zero_init_last: each block's last batch norm starts with gamma 0, so an identity block
+    passes its input through; without it, every gamma starts at 1."""
+    model = resnet.build(arch, num_classes=10, input_shape=(32, 32, 3))
+    last = "conv2_block2_2_bn" if arch == "resnet18" else "conv2_block2_3_bn"
+    assert not np.any(model.get_layer(last).gamma.numpy())
+    assert np.all(model.get_layer("conv2_block2_1_bn").gamma.numpy() == 1)
+    taps = keras.Model(
+        model.input,
+        [model.get_layer("conv2_block1_out").output, model.get_layer("conv2_block2_out").output],
+    )
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    before, after = taps(x, training=False)
+    np.testing.assert_array_equal(after, before)
+    plain = resnet.build(arch, num_classes=10, input_shape=(32, 32, 3), zero_init_last=False)
+    assert np.all(plain.get_layer(last).gamma.numpy() == 1)
