@@ -4,7 +4,7 @@ Sections: training throughput of our ResNet-50 against keras.applications.ResNet
 with the ImageNet stem; the CIFAR stem against keras.applications fed the same batches
 resized to 128x128), with MFU against matmul peaks measured in the same run; the input
 pipeline against the training step (`bench.bench_data`); inference in every exported form;
-peak memory of a training run. About 13 minutes on the 2-core development machine.
+peak memory of a training run. About 11 minutes on the idle 2-core development machine.
 
 Usage:
     python -m bench.run_all
