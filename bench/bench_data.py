@@ -92,20 +92,7 @@ def main() -> list[dict]:
             }
         )
     print("\nInput pipeline (app.data.train_dataset, augmented) vs ResNet-50 training step")
-    print(
-        common.table(
-            ["size", "pipeline images/s", "ResNet-50 train step images/s", "ratio"],
-            [
-                (
-                    f"{r['size']}x{r['size']}",
-                    f"{r['pipeline_images_per_s']:,.0f} (batch {r['pipeline_batch']})",
-                    f"{r['train_step_images_per_s']:,.1f} (batch {r['train_batch']})",
-                    f"{r['ratio']:,.0f}x",
-                )
-                for r in rows
-            ],
-        )
-    )
+    print(report(rows))
     ratio_32 = rows[0]["ratio"]
     verdict = "meets" if ratio_32 >= TARGET_RATIO_32 else "MISSES"
     print(
@@ -114,6 +101,22 @@ def main() -> list[dict]:
         f"{time.perf_counter() - started:.0f} s in all"
     )
     return rows
+
+
+def report(rows: list[dict]) -> str:
+    """The Markdown table of `main`'s rows."""
+    return common.table(
+        ["size", "pipeline images/s", "ResNet-50 train step images/s", "ratio"],
+        [
+            (
+                f"{r['size']}x{r['size']}",
+                f"{r['pipeline_images_per_s']:,.0f} (batch {r['pipeline_batch']})",
+                f"{r['train_step_images_per_s']:,.1f} (batch {r['train_batch']})",
+                f"{r['ratio']:,.0f}x",
+            )
+            for r in rows
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ Usage:
 
 from __future__ import annotations
 
-import io
 import os
-import sys
 import time
 
 from absl import flags, logging
@@ -30,18 +28,6 @@ BASELINE = "keras-imagenet-f32"
 ABLATION_CASES = ("ours-imagenet-f32", "ours-imagenet-bf16")
 TARGET_SPEEDUP = 1.5
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.md")
-
-
-class _Tee(io.TextIOBase):
-    """Writes to the terminal and keeps a copy (bench_data prints its own table)."""
-
-    def __init__(self, stream):
-        self.stream, self.copy = stream, io.StringIO()
-
-    def write(self, text: str) -> int:
-        self.stream.write(text)
-        self.stream.flush()
-        return self.copy.write(text)
 
 
 def train_section(repeats: int):
@@ -106,29 +92,12 @@ def train_cifar_section(repeats: int):
 def data_section() -> str:
     from bench import bench_data
 
-    tee = _Tee(sys.stdout)
-    previous, sys.stdout = sys.stdout, tee
-    try:
-        rows = bench_data.main()
-    finally:
-        sys.stdout = previous
-    table = common.table(
-        ["size", "pipeline images/s", "ResNet-50 train step images/s", "ratio"],
-        [
-            (
-                f"{r['size']}x{r['size']}",
-                f"{r['pipeline_images_per_s']:,.0f} (batch {r['pipeline_batch']})",
-                f"{r['train_step_images_per_s']:,.1f} (batch {r['train_batch']})",
-                f"{r['ratio']:,.0f}x",
-            )
-            for r in rows
-        ],
-    )
+    rows = bench_data.main()  # prints its own table and verdict as it goes
     return "\n".join(
         [
             "### Input pipeline vs training step (`python -m bench.bench_data`)",
             "",
-            table,
+            bench_data.report(rows),
         ]
     )
 
