@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from app.common import UsageError
-from bench import bench_train, common, variants
+from bench import bench_int8, bench_train, common, variants
 
 
 def test_forward_flops_counts_conv_depthwise_and_dense_exactly():
@@ -93,3 +93,15 @@ def test_peak_rss_is_the_childs_own_not_its_parents():
     peak_mib = int(done.stdout.split()[-1]) / 2**20
     assert 300 <= peak_mib < 700, peak_mib
     del parent
+
+
+def test_int8_table_pairs_each_calibration_set():
+    rows = [
+        bench_int8.Row(0, "converter", 0.98, 40, 0.034, 0.8),
+        bench_int8.Row(0, "exact", 0.985, 30, 0.031, 0.8),
+        bench_int8.Row(1, "exact", 0.99, 20, 0.029, None),
+        bench_int8.Row(1, "converter", 0.975, 50, 0.035, None),
+    ]
+    lines = bench_int8.report_table(rows).splitlines()
+    assert lines[2] == "| set 1 | 98.00% (40 differ) | 98.50% (30 differ) | 0.0340 -> 0.0310 |"
+    assert lines[3] == "| set 2 | 97.50% (50 differ) | 99.00% (20 differ) | 0.0350 -> 0.0290 |"

@@ -58,6 +58,7 @@ def model_dir(tmp_path_factory) -> pathlib.Path:
         data.train_dataset(splits.train, prep, batch, seed=0, augment=False),
         steps_per_epoch=data.steps_per_epoch(splits.train, batch),
         epochs=EPOCHS,
+        shuffle=False,  # the pipeline orders each epoch itself
         verbose=0,
     )
     model.save(directory / "best.keras")

@@ -431,6 +431,56 @@ def test_int8_tflite_takes_raw_uint8_pixels(normalization, tmp_path):
     np.testing.assert_array_equal(interpreter.get_tensor(out["index"])[0], probabilities[0])
 
 
+def test_int8_ranges_are_each_tensors_own():
+    # A residual ADD may write its output over its branch input; TensorFlow's calibrator then
+    # records the branch with the sum's range (tensorflow/tensorflow#127842), here about 20x
+    # too coarse. Every ADD input must be quantized over the range it really takes.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3), name="images")
+    trunk = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="trunk")(inputs)
+    branch = keras.layers.Conv2D(8, 1, name="branch")(trunk)
+    x = keras.layers.Activation("relu")(keras.layers.Add()([trunk, branch]))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="predictions")(x))
+    kernel, bias = model.get_layer("branch").get_weights()
+    model.get_layer("branch").set_weights([0.05 * kernel, bias])
+    pre = preprocessing_lib.by_name("cifar", 16)
+    calibration = random_images(32, 16, 16)
+    blobs = tflite.convert(model, pre, ["float32", "int8"], calibration)
+
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    def interpreter(blob: bytes) -> Interpreter:
+        it = Interpreter(
+            model_content=blob,
+            experimental_preserve_all_tensors=True,
+            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        )
+        it.allocate_tensors()
+        return it
+
+    float32 = interpreter(blobs["float32"])
+    spans: dict[str, list[float]] = {}
+    for image in calibration:
+        float32.set_tensor(float32.get_input_details()[0]["index"], image[None].astype(np.float32))
+        float32.invoke()
+        for t in float32.get_tensor_details():
+            values = float32.get_tensor(t["index"])
+            low, high = spans.get(t["name"], (0.0, 0.0))  # quantized ranges include 0
+            spans[t["name"]] = [min(low, float(values.min())), max(high, float(values.max()))]
+    int8 = interpreter(blobs["int8"])
+    tensors = {t["index"]: t for t in int8.get_tensor_details()}
+    adds = [op for op in int8._get_ops_details() if op["op_name"] == "ADD"]
+    assert len(adds) == 1
+    checked = []
+    for index in [*adds[0]["inputs"], *adds[0]["outputs"]]:
+        scale, _ = tensors[index]["quantization"]
+        low, high = spans[tensors[index]["name"]]
+        assert scale * 255 == pytest.approx(high - low, rel=0.01), tensors[index]["name"]
+        checked.append(high - low)
+    assert min(checked) < max(checked) / 5  # the branch is much narrower than the sum
+
+
 def test_int8_needs_calibration_images(resnet18):
     with pytest.raises(UsageError, match="needs calibration images"):
         tflite.convert(resnet18.model, resnet18.preprocessing, ["int8"], None)
