@@ -117,7 +117,7 @@ def _exact_activation_ranges(calibrated: bytes, calibration: np.ndarray) -> byte
     Why: TensorFlow's calibrator logs an op's inputs again after the op ran; when the memory
     planner lets the op write its output over an input (a residual ADD over its branch), the
     input is recorded with the output's range (tensorflow/tensorflow#127842). In ResNet-50
-    that makes the last convolution of most blocks 2-4x too coarse. Here the calibrated float
+    that makes the last convolution of most blocks several times too coarse. Here the calibrated float
     model runs with every tensor kept in its own buffer over the same images, and each
     tensor's min/max is what it really took: the converter's own min/max rule, measured right.
     """
