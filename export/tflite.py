@@ -117,9 +117,10 @@ def _exact_activation_ranges(calibrated: bytes, calibration: np.ndarray) -> byte
     Why: TensorFlow's calibrator logs an op's inputs again after the op ran; when the memory
     planner lets the op write its output over an input (a residual ADD over its branch), the
     input is recorded with the output's range (tensorflow/tensorflow#127842). In ResNet-50
-    that makes the last convolution of most blocks several times too coarse. Here the calibrated float
-    model runs with every tensor kept in its own buffer over the same images, and each
-    tensor's min/max is what it really took: the converter's own min/max rule, measured right.
+    that makes the last convolution of most blocks several times too coarse. Here the
+    calibrated float model runs with every tensor kept in its own buffer over the same images,
+    and each tensor's min/max is what it really took: the converter's min/max rule, measured
+    right.
     """
     model = flatbuffer_utils.read_model_from_bytearray(calibrated)
     tensors = model.subgraphs[0].tensors
