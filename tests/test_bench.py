@@ -97,11 +97,61 @@ def test_peak_rss_is_the_childs_own_not_its_parents():
 
 def test_int8_table_pairs_each_calibration_set():
     rows = [
-        bench_int8.Row(0, "converter", 0.98, 40, 0.034, 0.8),
-        bench_int8.Row(0, "exact", 0.985, 30, 0.031, 0.8),
+        bench_int8.Row(-1, "weights only", 0.995, 10, 0.01, 0.8, 6),
+        bench_int8.Row(0, "converter", 0.98, 40, 0.034, 0.8, 30),
+        bench_int8.Row(0, "exact", 0.985, 30, 0.031, 0.8, 22),
         bench_int8.Row(1, "exact", 0.99, 20, 0.029, None),
         bench_int8.Row(1, "converter", 0.975, 50, 0.035, None),
     ]
     lines = bench_int8.report_table(rows).splitlines()
-    assert lines[2] == "| set 1 | 98.00% (40 differ) | 98.50% (30 differ) | 0.0340 -> 0.0310 |"
+    assert lines[2] == (
+        "| set 1 | 98.00% (40 differ, 30 where Keras is wrong) "
+        "| 98.50% (30 differ, 22 where Keras is wrong) | 0.0340 -> 0.0310 |"
+    )
     assert lines[3] == "| set 2 | 97.50% (50 differ) | 99.00% (20 differ) | 0.0350 -> 0.0290 |"
+    assert lines[5] == (
+        "Weights alone rounded to int8 (activations float): "
+        "99.50% (10 differ, 6 where Keras is wrong), mean L1 0.0100."
+    )
+
+
+def test_weights_rounded_to_int8_per_output_channel_and_nothing_else():
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from export import tflite
+    from models import preprocessing as preprocessing_lib
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="predictions")(x))
+    kernel, bias = model.get_layer("conv").get_weights()
+    kernel[..., 0] *= 100.0  # channels far apart in scale: one scale for all would show
+    model.get_layer("conv").set_weights([kernel, bias])
+    float32 = tflite.convert(model, preprocessing_lib.cifar(8), ["float32"])["float32"]
+    rounded = bench_int8.round_weights_to_int8(float32)
+
+    def constants(blob: bytes) -> dict[str, np.ndarray]:
+        m = flatbuffer_utils.read_model_from_bytearray(blob)
+        found = {}
+        for t in m.subgraphs[0].tensors:
+            data = m.buffers[t.buffer].data
+            if data is not None and t.type == 0:  # float32 constants
+                found[t.name] = np.frombuffer(bytes(data), np.float32).reshape(t.shape)
+        return found
+
+    before, after = constants(float32), constants(rounded)
+    assert before.keys() == after.keys()
+    kernels = [name for name, value in before.items() if value.ndim >= 2]
+    assert len(kernels) == 2  # conv and dense; biases and the normalisation stay as they were
+    for name, old in before.items():
+        new = after[name]
+        if name not in kernels:
+            np.testing.assert_array_equal(new, old)
+            continue
+        assert not np.array_equal(old, new)
+        for channel_old, channel_new in zip(old, new, strict=True):  # output channel first
+            step = np.abs(channel_old).max() / 127
+            assert np.abs(channel_new - channel_old).max() <= step / 2 + 1e-7
+            np.testing.assert_allclose(channel_new / step, np.round(channel_new / step), atol=1e-3)
