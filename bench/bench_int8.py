@@ -104,7 +104,8 @@ def measure(
     )
     reference = report.keras_probabilities(bundle.model, bundle.preprocessing, evaluation.images)
     labels = evaluation.labels
-    keras_wrong = reference.argmax(-1) != labels if (labels >= 0).all() else None
+    known = labels is not None and (labels >= 0).all()  # None: not the model's classes
+    keras_wrong = reference.argmax(-1) != labels if known else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         path = os.path.join(tmp, "model.tflite")
