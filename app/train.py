@@ -146,6 +146,25 @@ def define_flags() -> None:
         lower_bound=0,
     )
     _define("bool", "augment", d.augment, "Random crop + horizontal flip of training images.")
+    # Quantization-aware fine-tuning
+    _define(
+        "bool",
+        "qat",
+        d.qat,
+        "Quantization-aware fine-tuning of --pretrained=RUN/best.keras for model_int8.tflite: "
+        "also runs the model with weights and activations rounded as full-int8 LiteRT rounds "
+        "them, and trains that twin towards the float model's probabilities (batch norm "
+        "frozen, float32: needs --mixed_precision=none). best.keras stays a plain float "
+        "model. A few epochs at a small --lr (e.g. 0.005); see BUILD.md, Export.",
+    )
+    _define(
+        "float",
+        "qat_weight",
+        d.qat_weight,
+        "With --qat: weight of the int8 twin's KL divergence from the float probabilities "
+        "against the float model's cross-entropy.",
+        lower_bound=0.0,
+    )
     # Execution
     _define(
         "enum",

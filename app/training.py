@@ -36,7 +36,7 @@ import keras
 from app import training_state
 from app.common import UsageError, write_labels, write_text_atomic
 from app.data import DataConfig
-from models import resnet
+from models import qat, resnet
 from models.preprocessing import Preprocessing, by_name
 
 if TYPE_CHECKING:
@@ -103,6 +103,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     freeze_backbone_epochs: int = 0
+    qat: bool = False
+    qat_weight: float = 1.0
     augment: bool = True
     mixed_precision: str = "none"
     seed: int = 0
@@ -198,6 +200,22 @@ def check_config(config: TrainConfig) -> None:
         )
     if config.freeze_backbone_epochs and config.pretrained == PRETRAINED_NONE:
         raise bad("freeze_backbone_epochs", config.freeze_backbone_epochs, "needs --pretrained")
+    if config.qat:
+        if config.pretrained in (PRETRAINED_NONE, PRETRAINED_IMAGENET):
+            raise bad(
+                "qat",
+                True,
+                "fine-tunes a model trained on your classes: pass --pretrained=RUN/best.keras",
+            )
+        if config.mixed_precision != "none":
+            raise bad(
+                "qat",
+                True,
+                f"rounds activations as int8 does, in float32: pass --mixed_precision=none, "
+                f"not {config.mixed_precision}",
+            )
+    if not (config.qat_weight >= 0 and math.isfinite(config.qat_weight)):
+        raise bad("qat_weight", config.qat_weight, "must be >= 0")
     for flag in ("backup_every_steps", "logical_cpus", "intra_op_threads", "inter_op_threads"):
         if getattr(config, flag) < 0:
             raise bad(flag, getattr(config, flag), "must be >= 0")
@@ -506,6 +524,29 @@ def set_backbone_frozen(model: keras.Model, frozen: bool) -> None:
         layer.trainable = not frozen or layer.name == HEAD
 
 
+def fit_model(model: keras.Model, config: TrainConfig) -> keras.Model:
+    """What `fit` trains: `model` itself, or with `--qat` it and its int8-rounded twin.
+
+    Call it in the strategy's scope. Quantization-aware fine-tuning (`models.qat`) trains the
+    float model on the labels and its int8-rounded twin towards the float model's
+    probabilities; both share every weight, and `model` stays what is saved and exported.
+    """
+    if not config.qat:
+        return model
+    return qat.agreement_model(model, qat.quantized_twin(model))
+
+
+def freeze_batch_norm(model: keras.Model) -> None:
+    """Batch norm in inference mode, its scale and shift fixed (`--qat`).
+
+    Full-int8 LiteRT folds each batch norm's moving statistics into the convolution before
+    it: fine-tuning must compute with those, not with each batch's statistics.
+    """
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+
+
 def compile_model(
     model: keras.Model,
     config: TrainConfig,
@@ -515,18 +556,24 @@ def compile_model(
 ) -> None:
     """Compiles with a fresh optimizer, and creates every optimizer and metric variable.
 
-    Call it in the strategy's scope. Keras creates the metric variables lazily (while
-    tracing the first step); a resumed run must assign the backed-up epoch metrics
-    before that, so they are built here from `element_spec` ((images, labels) specs),
-    with the same private `_symbolic_build` Keras uses under a distribution strategy.
+    Call it in the strategy's scope, with `fit_model`'s model. Keras creates the metric
+    variables lazily (while tracing the first step); a resumed run must assign the
+    backed-up epoch metrics before that, so they are built here from `element_spec`
+    ((images, labels) specs), with the same private `_symbolic_build` Keras uses under a
+    distribution strategy.
     """
     optimizer = make_optimizer(
         schedule, config.momentum, config.nesterov, config.weight_decay, model.trainable_variables
     )
+    if config.qat:
+        loss = qat.AgreementLoss(config.qat_weight, config.label_smoothing)
+        metrics = qat.agreement_metrics()
+    else:
+        loss, metrics = make_loss(config.label_smoothing), ["accuracy"]
     model.compile(
         optimizer=optimizer,
-        loss=make_loss(config.label_smoothing),
-        metrics=["accuracy"],
+        loss=loss,
+        metrics=metrics,
         steps_per_execution=steps_per_execution,
         jit_compile=config.jit_compile,
     )
@@ -863,12 +910,13 @@ def _train(config, data_config, flags_text, strategy, chief, out_dir) -> TrainRe
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = build_model(config, len(splits.class_names))
+        trained = fit_model(model, config)
     element_spec = (
         tf.TensorSpec([None, config.image_size, config.image_size, 3], tf.float32),
         tf.TensorSpec([None], tf.int32),
     )
     if run.distributed:
-        _work_around_keras_multi_worker(model, element_spec, is_multi_worker(strategy))
+        _work_around_keras_multi_worker(trained, element_spec, is_multi_worker(strategy))
 
     os.makedirs(out_dir, exist_ok=True)
     if flags_text:
@@ -884,7 +932,7 @@ def _train(config, data_config, flags_text, strategy, chief, out_dir) -> TrainRe
             f"step {run.state.step}/{steps_per_epoch}"
         )
     resumed_from = (run.state.epoch, run.state.step) if backup is not None else None
-    records = _fit_phases(run, model, element_spec, backup)
+    records = _fit_phases(run, model, trained, element_spec, backup)
 
     state = run.state
     if state.best is None or not math.isfinite(state.best):
@@ -908,11 +956,12 @@ def _train(config, data_config, flags_text, strategy, chief, out_dir) -> TrainRe
     )
 
 
-def _fit_phases(run: _Run, model: keras.Model, element_spec, backup):
-    """`model.fit` from where the run stands to the end; returns the RunRecords callback.
+def _fit_phases(run: _Run, model: keras.Model, trained: keras.Model, element_spec, backup):
+    """`trained.fit` from where the run stands to the end; returns the RunRecords callback.
 
-    One `fit` per phase (frozen backbone, then full), and one more for a half-done epoch
-    of a resumed run. The first phase compiled restores the backup's variables.
+    `trained` is `fit_model(model)`; `model` is what the best checkpoint holds. One `fit`
+    per phase (frozen backbone, then full), and one more for a half-done epoch of a resumed
+    run. The first phase compiled restores the backup's variables.
     """
     from app import training_callbacks
     from app.training_state import backup_path
@@ -929,6 +978,7 @@ def _fit_phases(run: _Run, model: keras.Model, element_spec, backup):
     clock = training_callbacks.TrainingClock(state)
     checkpoint = training_callbacks.AtomicModelCheckpoint(
         os.path.join(out_dir, BEST_FILE),
+        saved_model=model,
         monitor="val_accuracy",
         mode="max",
         save_best_only=True,
@@ -961,14 +1011,16 @@ def _fit_phases(run: _Run, model: keras.Model, element_spec, backup):
             phase = "frozen" if frozen else "full"
             with run.strategy.scope():
                 set_backbone_frozen(model, frozen)
-                compile_model(model, config, schedule, run.steps_per_execution, element_spec)
+                if config.qat:
+                    freeze_batch_norm(model)
+                compile_model(trained, config, schedule, run.steps_per_execution, element_spec)
             if backup is not None:
-                assign(model.variables, backup.arrays["model"], "model")
+                assign(trained.variables, backup.arrays["model"], "model")
             if backup is not None and backup.state.optimizer_phase == phase:
-                assign(model.optimizer.variables, backup.arrays["optimizer"], "optimizer")
+                assign(trained.optimizer.variables, backup.arrays["optimizer"], "optimizer")
             else:
                 # A new phase's optimizer continues the schedule where the last one stopped.
-                model.optimizer.iterations.assign(state.epoch * steps_per_epoch + state.step)
+                trained.optimizer.iterations.assign(state.epoch * steps_per_epoch + state.step)
             state.optimizer_phase = phase
             if frozen:
                 run.say(f"Training the head only for {frozen_epochs} epoch(s) (backbone frozen)")
@@ -981,7 +1033,7 @@ def _fit_phases(run: _Run, model: keras.Model, element_spec, backup):
             lambda variables, values: assign(variables, values, "metric"),
         )
         backup = None  # restored
-        model.fit(
+        trained.fit(
             run.train_data(state.epoch, state.step),
             initial_epoch=state.epoch,
             epochs=end_epoch,

@@ -29,6 +29,8 @@ HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "curves.png"
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+# Written too when the logs have them (quantization-aware training, `--qat`).
+QAT_COLUMNS = ("int8_accuracy", "agreement", "val_int8_accuracy", "val_agreement")
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -40,25 +42,34 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
     pinned 3.15); only the writing is ours.
     """
 
+    def __init__(self, filepath: str, saved_model: keras.Model | None = None, **kwargs):
+        """`saved_model`: the model to write when `fit` trains a wrapper around it (`--qat`)."""
+        super().__init__(filepath, **kwargs)
+        self.saved_model = saved_model
+
     def _save_model(self, epoch, batch, logs):
         if self._should_save_model(epoch, batch, logs, self.filepath):
             with atomic_path(self.filepath, suffix=".keras") as tmp:
-                self.model.save(tmp, overwrite=True)
+                (self.saved_model or self.model).save(tmp, overwrite=True)
 
 
 def format_epoch_line(epoch: int, epochs: int, logs: Mapping[str, float]) -> str:
     """The reference tutorial's per-epoch line, e.g. `Epoch: [ 3/40], Train Loss: ...`."""
     width = len(str(epochs))
-    return (
+    line = (
         f"Epoch: [{epoch:>{width}}/{epochs}], Train Loss: {logs.get('loss', math.nan):.3f}, "
         f"Val Accuracy: {logs.get('val_accuracy', math.nan):.3f}"
     )
+    if "val_agreement" in logs:
+        line += f", Val int8 Agreement: {logs['val_agreement']:.4f}"
+    return line
 
 
 def history_csv(history: Sequence[Mapping[str, float]]) -> str:
-    """The history as CSV text, one row per epoch, fixed columns."""
+    """The history as CSV text, one row per epoch: fixed columns, then the QAT ones it has."""
+    extra = tuple(k for k in QAT_COLUMNS if any(k in row for row in history))
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(out, fieldnames=HISTORY_COLUMNS + extra, extrasaction="ignore")
     writer.writeheader()
     for row in history:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
@@ -107,7 +118,7 @@ class RunRecords(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         row: dict[str, float] = {"epoch": epoch + 1}
-        for key in HISTORY_COLUMNS[1:-1]:
+        for key in HISTORY_COLUMNS[1:-1] + QAT_COLUMNS:
             if key in logs:
                 row[key] = float(logs[key])
         row["learning_rate"] = current_learning_rate(self.model.optimizer)
