@@ -123,7 +123,11 @@ def _is_relu(layer: keras.Layer) -> bool:
 
 
 def _consumers(model: keras.Model) -> dict[str, list[keras.Layer]]:
-    """For each layer name, the layers that take its output."""
+    """For each layer name, the layers that take its output.
+
+    (Keras 3 has no public API for a functional model's edges: `_inbound_nodes` and
+    `_keras_history` are private, stable in the pinned 3.15, and the twin test fails if not.)
+    """
     consumers = {layer.name: [] for layer in model.layers}
     for layer in model.layers:
         for node in layer._inbound_nodes:
@@ -207,13 +211,13 @@ class AgreementLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         float_logits = ops.cast(y_pred[:, 0], "float32")
         int8_logits = ops.cast(y_pred[:, 1], "float32")
-        classes = ops.shape(float_logits)[-1]
-        labels = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), classes)
-        if self.label_smoothing:
-            labels = labels * (1.0 - self.label_smoothing) + self.label_smoothing / classes
-        float_log_p = ops.log_softmax(float_logits, axis=-1)
-        cross_entropy = -ops.sum(labels * float_log_p, axis=-1)
-        target = ops.stop_gradient(float_log_p)
+        labels = ops.one_hot(
+            ops.cast(ops.reshape(y_true, (-1,)), "int32"), ops.shape(float_logits)[-1]
+        )
+        cross_entropy = keras.losses.categorical_crossentropy(
+            labels, float_logits, from_logits=True, label_smoothing=self.label_smoothing
+        )
+        target = ops.stop_gradient(ops.log_softmax(float_logits, axis=-1))
         kl = ops.sum(ops.exp(target) * (target - ops.log_softmax(int8_logits, axis=-1)), axis=-1)
         return cross_entropy + self.weight * kl
 

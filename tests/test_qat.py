@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from app import training
 from export import tflite
 from models import preprocessing as preprocessing_lib
 from models import qat, resnet
@@ -18,13 +19,6 @@ from tests.test_train import final_digest, run_train, start_train, wait_for_back
 # Ops of a full-int8 model that store their output in a scale of their own (the rest keep
 # their input's: PAD, RESHAPE, MAX_POOL_2D, STRIDED_SLICE; or are the fixed-scale ends).
 STORING_OPS = {"CONV_2D", "FULLY_CONNECTED", "ADD", "MEAN", "MUL", "SUB"}
-
-
-def _with_frozen_batch_norm(model: keras.Model) -> keras.Model:
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-    return model
 
 
 def _rounding_layers(twin: keras.Model) -> list[qat.ActivationFakeQuant]:
@@ -38,7 +32,8 @@ def test_twin_rounds_exactly_the_tensors_int8_litert_stores():
     model = randomise(resnet.build("resnet18", num_classes=10, input_shape=(16, 16, 3)))
     pre = preprocessing_lib.by_name("cifar", 16)
     calibration = random_images(32, 16, 16, seed=1)
-    twin = qat.quantized_twin(_with_frozen_batch_norm(model))
+    training.freeze_batch_norm(model)
+    twin = qat.quantized_twin(model)
     rounding = _rounding_layers(twin)
     for layer in rounding:
         layer.momentum = 0.0  # one batch sets each range to its min/max over the batch
@@ -132,6 +127,11 @@ def test_agreement_loss_is_cross_entropy_plus_kl_to_the_float_probabilities():
     )
     same = loss.call(labels, tf.stack([float_logits, float_logits], 1))
     np.testing.assert_allclose(same, cross_entropy, rtol=1e-5)  # no KL between equals
+    smoothed = qat.AgreementLoss(label_smoothing=0.1).call(labels, tf.stack([float_logits] * 2, 1))
+    training_loss = training.SparseCategoricalCrossentropyWithSmoothing(0.1).call(
+        labels, float_logits
+    )
+    np.testing.assert_allclose(smoothed, training_loss, rtol=1e-5)  # the training loss's CE
     p, q = tf.nn.softmax(float_logits), tf.nn.softmax(int8_logits)
     kl = tf.reduce_sum(p * (tf.math.log(p) - tf.math.log(q)), -1)
     got = loss.call(labels, tf.stack([float_logits, int8_logits], 1))
