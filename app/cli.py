@@ -13,7 +13,7 @@ from absl import app
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's to fix: reported without a traceback."""
-    from app.common import UsageError
+    from common.errors import UsageError
     from models.weights import WeightsError
 
     errors: list[type[BaseException]] = [UsageError, WeightsError, FileNotFoundError]

@@ -72,7 +72,7 @@ def data_config(model_path: str):
     """The `DataConfig` of the command line, with unset data flags and --seed taken from
     the training run's flags.txt beside the model."""
     from app import evaluation
-    from app.common import UsageError
+    from common.errors import UsageError
 
     trained = evaluation.read_flagfile(
         os.path.join(os.path.dirname(os.path.abspath(model_path)), TRAINING_FLAGS_FILE)
@@ -92,7 +92,8 @@ def data_config(model_path: str):
 
 def main(argv: list[str]) -> None:
     from app import data, evaluation
-    from app.common import UsageError, load_model_bundle
+    from common.errors import UsageError
+    from models.bundle import load_model_bundle
 
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

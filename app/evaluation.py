@@ -6,7 +6,7 @@ Pure functions over plain arguments (a Keras model, a `tf.data` dataset, arrays)
 Example:
 
     from app import data, evaluation
-    from app.common import load_model_bundle
+    from models.bundle import load_model_bundle
     bundle = load_model_bundle("runs/cpu_quick/best.keras")
     splits = data.load(data.DataConfig(data_dir="../shared/data/cifar10"))
     evaluation.check_class_names(bundle.class_names, splits.class_names, "the data")
@@ -26,7 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from app.common import UsageError, write_text_atomic
+from common.errors import UsageError
+from common.files import write_text_atomic
 
 SPLITS = ("train", "validation", "test")
 TOP_K = 5

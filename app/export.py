@@ -82,9 +82,9 @@ def data_config(model_path: str, representative_data: str | None):
     """The real images' `DataConfig`: --representative_data or the training run's data,
     with the training run's seed and validation fraction (so its hold-out is the same);
     None when neither is known."""
-    from app.common import UsageError
     from app.data import DataConfig
     from app.evaluation import read_flagfile
+    from common.errors import UsageError
 
     trained = read_flagfile(
         os.path.join(os.path.dirname(os.path.abspath(model_path)), TRAINING_FLAGS_FILE)
@@ -105,8 +105,9 @@ def data_config(model_path: str, representative_data: str | None):
 
 
 def main(argv: list[str]) -> None:
-    from app.common import UsageError, load_model_bundle
+    from common.errors import UsageError
     from export import exporter, report
+    from models.bundle import load_model_bundle
 
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt
 import numpy as np
 
-from app.common import atomic_path
+from common.files import atomic_path
 
 RIGHT_COLOR = "blue"
 WRONG_COLOR = "red"

@@ -40,7 +40,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     from app import prediction
-    from app.common import UsageError
+    from common.errors import UsageError
 
     paths = argv[1:]
     if not paths:

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from app.common import LABELS_FILE, UsageError, load_model_bundle, read_labels
+from common.errors import UsageError
+from models.bundle import LABELS_FILE, load_model_bundle, read_labels
 
 KERAS_SUFFIX = ".keras"
 TFLITE_SUFFIX = ".tflite"

@@ -287,7 +287,7 @@ def config_from_flags() -> TrainConfig:
 
 def main(argv: list[str]) -> None:
     from app import data_flags, training
-    from app.common import UsageError
+    from common.errors import UsageError
 
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")

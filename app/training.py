@@ -34,9 +34,11 @@ from typing import TYPE_CHECKING, Any
 import keras
 
 from app import training_state
-from app.common import UsageError, write_labels, write_text_atomic
 from app.data import DataConfig
+from common.errors import UsageError
+from common.files import write_text_atomic
 from models import qat, resnet
+from models.bundle import write_labels
 from models.preprocessing import Preprocessing, by_name
 
 if TYPE_CHECKING:

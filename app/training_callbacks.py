@@ -22,8 +22,8 @@ import keras
 import numpy as np
 
 from app import plots
-from app.common import atomic_path, write_text_atomic
 from app.training_state import RunState, save_backup
+from common.files import atomic_path, write_text_atomic
 
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"

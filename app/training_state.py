@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from app.common import UsageError, atomic_path
+from common.errors import UsageError
+from common.files import atomic_path
 
 BACKUP_DIR = "backup"
 BACKUP_FILE = "state.npz"

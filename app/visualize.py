@@ -13,8 +13,8 @@ from __future__ import annotations
 from absl import flags
 
 from app import cli
-from app.common import UsageError
 from app.data_flags import data_config_from_flags, define_data_flags
+from common.errors import UsageError
 
 FLAGS = flags.FLAGS
 SPLITS = ("train", "validation", "test")

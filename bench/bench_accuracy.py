@@ -151,7 +151,7 @@ def main(argv: list[str]) -> None:
     def flag(name: str):
         return flags.FLAGS[name].value
 
-    from app.common import UsageError
+    from common.errors import UsageError
 
     if not os.path.isdir(flag("data_dir")):
         raise UsageError(f"--data_dir={flag('data_dir')} is not a folder; point it at CIFAR-10")

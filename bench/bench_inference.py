@@ -79,8 +79,8 @@ def _throughput(call, images: np.ndarray, batch: int, whole=None) -> float:
 
 def default_bundle(stem: str = "imagenet"):
     """An untrained ResNet-50 (CIFAR normalisation, 10 classes): speed does not need training."""
-    from app.common import ModelBundle
     from models import preprocessing, resnet
+    from models.bundle import ModelBundle
 
     shape = (IMAGE_SIZE, IMAGE_SIZE, 3)
     model = resnet.resnet50(num_classes=NUM_CLASSES, input_shape=shape, stem=stem)
@@ -113,7 +113,7 @@ def measure(
     work_dir: str | None = None,
     log=print,
 ) -> list[Row]:
-    """Times the model of `bundle` (an `app.common.ModelBundle`) in each requested form."""
+    """Times the model of `bundle` (a `models.bundle.ModelBundle`) in each requested form."""
     import keras
     import tensorflow as tf
 
@@ -263,8 +263,9 @@ def main(argv: list[str]) -> None:
     def flag(name: str):
         return flags.FLAGS[name].value
 
-    from app.common import UsageError, load_model_bundle
+    from common.errors import UsageError
     from export import TFLITE_FORMATS
+    from models.bundle import load_model_bundle
 
     logging.set_verbosity(logging.WARNING)  # TensorFlow's SavedModel writer logs every file
     unknown = [r for r in flag("rows") if r not in ALL_ROWS]

@@ -89,9 +89,9 @@ def measure(
     log=print,
 ) -> list[Row]:
     """Both calibrations on each calibration subset; see the module docstring."""
-    from app.common import load_model_bundle
     from app.export import data_config
     from export import images, report, tflite
+    from models.bundle import load_model_bundle
 
     bundle = load_model_bundle(model_path)
     size = bundle.preprocessing.image_size

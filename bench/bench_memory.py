@@ -89,8 +89,8 @@ def measure(
     cases: tuple[str, ...] = DEFAULT_CASES, batch_size: int = 128, steps: int = 2, log=print
 ) -> list[Memory]:
     """Runs each case in a fresh `python -m bench.bench_memory --child` process."""
-    from app.common import UsageError
     from bench import bench_train
+    from common.errors import UsageError
 
     for name in cases:
         bench_train.Case.parse(name)  # a bad name fails here, before any process starts

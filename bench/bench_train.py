@@ -81,7 +81,7 @@ class Case:
     @classmethod
     def parse(cls, name: str) -> Case:
         """Parses `ours-imagenet-bf16+xla+spe8`; raises UsageError on a bad name."""
-        from app.common import UsageError
+        from common.errors import UsageError
 
         match = _CASE.match(name)
         if not match:
@@ -419,7 +419,7 @@ def main(argv: list[str]) -> None:
     peaks = best_peaks(peaks, measure_peaks())
     print(report(results, peaks, flag("baseline")))
     if flag("json_out"):
-        from app.common import write_text_atomic
+        from common.files import write_text_atomic
 
         rows = [
             {

@@ -140,8 +140,9 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # TensorFlow's SavedModel writer logs every file
-    from app.common import UsageError, write_text_atomic
     from bench import bench_train
+    from common.errors import UsageError
+    from common.files import write_text_atomic
 
     sections = flags.FLAGS["sections"].value
     repeats = flags.FLAGS["repeats"].value

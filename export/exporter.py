@@ -15,9 +15,11 @@ import os
 
 import numpy as np
 
-from app.common import ModelBundle, UsageError, atomic_path, write_labels
 from app.data import DataConfig
+from common.errors import UsageError
+from common.files import atomic_path
 from export import FORMATS, SAVED_MODEL, TFLITE_FORMATS, images, report, saved_model, tflite
+from models.bundle import ModelBundle, write_labels
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from app.common import write_text_atomic
+from common.files import write_text_atomic
 from export import graph, saved_model, tflite
 from models.preprocessing import Preprocessing
 

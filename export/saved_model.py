@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from app.common import UsageError
+from common.errors import UsageError
 from export import (
     INPUT_BYTES,
     INPUT_IMAGES,

@@ -33,7 +33,7 @@ import tensorflow as tf
 from tensorflow.lite.python import convert as lite_convert
 from tensorflow.lite.tools import flatbuffer_utils
 
-from app.common import UsageError
+from common.errors import UsageError
 from export import INPUT_IMAGES, SIGNATURE_IMAGES, TFLITE_FORMATS, graph
 from models.preprocessing import Preprocessing
 

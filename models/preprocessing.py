@@ -1,9 +1,8 @@
 """Input normalisation that travels with a model (saved as `preprocessing.json`).
 
-The data pipeline, evaluation, prediction and export all normalise through the
-same `Preprocessing`, so training and serving never disagree. Pixel values are
-float 0..255 RGB in; the arithmetic works on NumPy arrays and TensorFlow/JAX
-tensors alike (no backend-specific ops).
+The data pipeline, evaluation, prediction and export all resize (`resize`) and normalise
+through the same `Preprocessing`, so training and serving never disagree. Pixel values are
+float 0..255 RGB in; the arithmetic works on NumPy arrays and TensorFlow/JAX tensors alike.
 """
 
 from __future__ import annotations
@@ -11,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Literal
+
+from common.files import write_text_atomic
 
 # The reference tutorial's CIFAR-10 statistics, in 0..1 units.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -60,11 +60,7 @@ class Preprocessing:
     def save(self, directory: str) -> str:
         """Writes `directory/preprocessing.json` atomically; returns its path."""
         path = os.path.join(directory, FILENAME)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".preprocessing.")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json() + "\n")
-        os.chmod(tmp, 0o644)  # readable like any other output, not mkstemp's 0600
-        os.replace(tmp, path)
+        write_text_atomic(path, self.to_json() + "\n")
         return path
 
     @classmethod
@@ -75,6 +71,24 @@ class Preprocessing:
             raw = json.load(f)
         raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
         return cls(**raw)
+
+
+def resize(pixels, image_size: int):
+    """Pixels `[..., h, w, 3]` (any dtype) to float32 `[..., S, S, 3]`, S = `image_size`.
+
+    The one resize of the project: training, evaluation, prediction and every exported
+    graph call it, so they all see the same pixels. Bilinear without antialiasing
+    (`tf.image.resize`'s default on the TensorFlow backend), and exact when the size
+    already matches: images of the model's size go through unchanged.
+    """
+    import keras
+
+    pixels = keras.ops.cast(pixels, "float32")
+    if tuple(pixels.shape[-3:-1]) == (image_size, image_size):
+        return pixels
+    return keras.ops.image.resize(
+        pixels, (image_size, image_size), interpolation="bilinear", antialias=False
+    )
 
 
 def cifar(image_size: int = 32) -> Preprocessing:

@@ -34,6 +34,8 @@ BN_MOMENTUM = 0.9
 
 # Names of the feature maps at the end of each stage, for stage-by-stage taps.
 STAGE_NAMES = ("conv2", "conv3", "conv4", "conv5")
+# The Dense logits layer: pretrained-weight loading and fine-tuning find the head by it.
+HEAD = "predictions"
 
 
 def conv_bn(
@@ -97,32 +99,26 @@ def basic_block(
     x,
     filters: int,
     strides: int = 1,
-    stride_on: StrideOn = "3x3",
     zero_init_last: bool = True,
     name: str = "block",
 ):
-    """Building block of ResNet-18/34: two 3x3 conv-BN, expansion 1.
+    """Building block of ResNet-18/34: two 3x3 conv-BN; output has `filters` channels.
 
     Args:
         x: input tensor.
         filters: output channels of both convolutions.
         strides: stride of the first convolution and the shortcut.
-        stride_on: unused (both convolutions are 3x3); kept for one block signature.
         zero_init_last: see `resnet`.
         name: block prefix, e.g. `conv2_block1`.
 
     Returns:
         Output tensor, ReLU(F(x) + shortcut(x)).
     """
-    del stride_on
     shortcut = _shortcut(x, filters, strides, name)
     x = conv_bn(x, filters, 3, strides=strides, name=f"{name}_1")
     x = conv_bn(x, filters, 3, activation=False, zero_gamma=zero_init_last, name=f"{name}_2")
     x = layers.Add(name=f"{name}_add")([shortcut, x])
     return layers.Activation("relu", name=f"{name}_out")(x)
-
-
-basic_block.expansion = 1
 
 
 def bottleneck_block(
@@ -159,9 +155,6 @@ def bottleneck_block(
     return layers.Activation("relu", name=f"{name}_out")(x)
 
 
-bottleneck_block.expansion = 4
-
-
 def make_layer(
     x,
     block: Callable,
@@ -180,21 +173,22 @@ def make_layer(
         filters: base channels of the stage.
         blocks: number of blocks.
         strides: stride of the first block.
-        stride_on: see `bottleneck_block`.
+        stride_on: see `bottleneck_block` (the basic block has no 1x1 to stride on).
         zero_init_last: see `resnet`.
         name: stage prefix; blocks are `{name}_block1` ... `{name}_block{blocks}`.
 
     Returns:
         Output tensor of the last block (`{name}_block{blocks}_out`).
     """
+    options = {"stride_on": stride_on} if block is bottleneck_block else {}
     for i in range(1, blocks + 1):
         x = block(
             x,
             filters,
             strides=strides if i == 1 else 1,
-            stride_on=stride_on,
             zero_init_last=zero_init_last,
             name=f"{name}_block{i}",
+            **options,
         )
     return x
 
@@ -276,7 +270,7 @@ def resnet(
         if dropout > 0:
             x = layers.Dropout(dropout, name="top_dropout")(x)
         # float32 logits even under a mixed-precision policy, for a stable loss.
-        x = layers.Dense(num_classes, dtype="float32", name="predictions")(x)
+        x = layers.Dense(num_classes, dtype="float32", name=HEAD)(x)
     elif pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":

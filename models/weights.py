@@ -27,6 +27,8 @@ import h5py
 import keras
 import numpy as np
 
+from models.resnet import HEAD
+
 _BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 # (with top, without top) md5 hashes, as in keras/src/applications/resnet.py.
 _IMAGENET_HASHES = {
@@ -35,7 +37,6 @@ _IMAGENET_HASHES = {
     "resnet152": ("100835be76be38e30d865e96f2aaae62", "ee4c566cf9a93f14d82f913c2dc6dd0c"),
 }
 IMAGENET_CLASSES = 1000
-HEAD = "predictions"
 
 
 class WeightsError(ValueError):

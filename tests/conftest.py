@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CIFAR-10 images in ../shared/data, quiet TensorFlow."""
+"""Shared fixtures: the real CIFAR-10 images (see tests/helpers.py), quiet TensorFlow."""
 
 import os
 import pathlib
@@ -8,17 +8,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
-CIFAR10_DIR = SHARED_DATA / "cifar10"
+from tests.helpers import require_cifar10
 
 
 @pytest.fixture
 def cifar10_dir() -> pathlib.Path:
     """The real CIFAR-10 image-folder tree (train/<class>/*.jpg); skips when absent."""
-    if not (CIFAR10_DIR / "train").is_dir():
-        pytest.skip(f"real CIFAR-10 images not found at {CIFAR10_DIR} (set SHARED_DATA)")
-    return CIFAR10_DIR
+    return require_cifar10()
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from app.common import UsageError
 from bench import bench_int8, bench_train, common, variants
+from common.errors import UsageError
 
 
 def test_forward_flops_counts_conv_depthwise_and_dense_exactly():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +16,8 @@ from app import data, data_flags
 from app.data import DataConfig, DataError, Examples
 from models import preprocessing
 from models.preprocessing import Preprocessing
+from tests.helpers import run_program
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDENTITY = Preprocessing(image_size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
@@ -492,13 +491,7 @@ def test_data_flags_make_a_config():
 
 
 def run_visualize(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "app.visualize", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_program("app.visualize", *args, timeout=120)
 
 
 @pytest.mark.slow

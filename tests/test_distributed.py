@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 from app import training, training_state
-from tests.conftest import CIFAR10_DIR
-from tests.test_train import (
+from tests.helpers import (
     REPO,
     final_digest,
     history_rows,
+    require_cifar10,
     run_train,
     start_train,
     train_command,
@@ -57,9 +57,7 @@ SEED_CONFIG = training.TrainConfig(
 
 @pytest.fixture(scope="module")
 def data_flag() -> str:
-    if not (CIFAR10_DIR / "train").is_dir():
-        pytest.skip(f"real CIFAR-10 images not found at {CIFAR10_DIR} (set SHARED_DATA)")
-    return f"--data_dir={CIFAR10_DIR}"
+    return f"--data_dir={require_cifar10()}"
 
 
 @pytest.fixture(scope="module")

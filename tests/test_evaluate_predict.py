@@ -10,17 +10,16 @@ import json
 import math
 import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from app import data, evaluation, prediction
-from app.common import UsageError, write_labels
+from common.errors import UsageError
 from models import preprocessing, resnet
-from tests.conftest import CIFAR10_DIR, REPO
+from models.bundle import write_labels
+from tests.helpers import error_lines, require_cifar10, run_program
 
 IMAGE_SIZE = 16
 TRAIN_IMAGES = 200
@@ -37,12 +36,9 @@ def model_dir(tmp_path_factory) -> pathlib.Path:
     preprocessing.json and flags.txt, from a ResNet-18 fitted on real CIFAR-10 images."""
     import keras
 
-    if not (CIFAR10_DIR / "train").is_dir():
-        pytest.skip(f"real CIFAR-10 images not found at {CIFAR10_DIR} (set SHARED_DATA)")
+    cifar10 = require_cifar10()
     directory = tmp_path_factory.mktemp("model")
-    config = data.DataConfig(
-        data_dir=str(CIFAR10_DIR), train_limit=TRAIN_IMAGES, eval_limit=1, seed=0
-    )
+    config = data.DataConfig(data_dir=str(cifar10), train_limit=TRAIN_IMAGES, eval_limit=1, seed=0)
     splits = data.load(config)
     prep = preprocessing.cifar(IMAGE_SIZE)
     keras.utils.set_random_seed(0)
@@ -65,7 +61,7 @@ def model_dir(tmp_path_factory) -> pathlib.Path:
     write_labels(str(directory), splits.class_names)
     prep.save(str(directory))
     (directory / "flags.txt").write_text(
-        f"# training run\n--data_dir={CIFAR10_DIR}\n--validation_split=0.1\n--seed=0\n"
+        f"# training run\n--data_dir={cifar10}\n--validation_split=0.1\n--seed=0\n"
     )
     keras.backend.clear_session()
     return directory
@@ -88,22 +84,6 @@ def images_dir(tmp_path, cifar10_dir) -> pathlib.Path:
     rgba.save(out / "truck_rgba.png")
     (out / "notes.txt").write_text("not an image\n")
     return out
-
-
-def run_program(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 # --------------------------------------------------------------------------------------
@@ -368,7 +348,7 @@ def test_evaluate_cli_on_real_images(model_dir, cifar10_dir, tmp_path):
     # The metrics are those of the model on the same images, computed independently.
     import keras
 
-    from app.common import load_model_bundle
+    from models.bundle import load_model_bundle
 
     bundle = load_model_bundle(str(model_dir / "best.keras"))
     splits = data.load(data.DataConfig(data_dir=str(cifar10_dir), train_limit=1, eval_limit=120))
@@ -417,14 +397,14 @@ def test_evaluate_refuses_data_with_other_classes(model_dir, cifar10_dir, tmp_pa
 @pytest.fixture(scope="module")
 def export_dir(model_dir) -> pathlib.Path:
     """What app.export writes for the test model: SavedModel + float32 and int8 .tflite."""
-    from app.common import load_model_bundle
     from export import exporter
+    from models.bundle import load_model_bundle
 
     directory = model_dir / "export"
     config = exporter.ExportConfig(
         export_dir=str(directory),
         formats=("saved_model", "float32", "int8"),
-        data=data.DataConfig(data_dir=str(CIFAR10_DIR), seed=0),
+        data=data.DataConfig(data_dir=str(require_cifar10()), seed=0),
         num_calibration=50,
         num_evaluation=0,
     )

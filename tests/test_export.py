@@ -24,12 +24,21 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-from app.common import UsageError, load_model_bundle, write_labels
+from common.errors import UsageError
 from export import FORMATS, client, exporter, graph, report, saved_model, tflite
 from models import preprocessing as preprocessing_lib
 from models import resnet
+from models.bundle import load_model_bundle, write_labels
+from tests.helpers import (
+    encode,
+    keras_reference,
+    random_images,
+    randomise,
+    run_program,
+    save_bundle,
+    tiny_model,
+)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = [f"class_{i}" for i in range(10)]
 CIFAR10_CLASSES = [
     "airplane",
@@ -64,79 +73,8 @@ RESNET_BUILTIN_OPS = {
 # Helpers
 
 
-def randomise(model: keras.Model, seed: int = 0) -> keras.Model:
-    """Non-trivial batch-norm statistics and a head with spread-out logits."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.gamma.shape[0]
-            layer.set_weights(
-                [
-                    rng.uniform(0.5, 1.5, n),
-                    rng.normal(0.0, 0.2, n),
-                    rng.normal(0.0, 0.5, n),
-                    rng.uniform(0.5, 2.0, n),
-                ]
-            )
-        elif isinstance(layer, keras.layers.Dense):
-            kernel, bias = layer.get_weights()
-            layer.set_weights([rng.normal(0.0, 0.3, kernel.shape), bias])
-    return model
-
-
-def tiny_model(num_classes: int = 10, size: int = 32, seed: int = 0) -> keras.Model:
-    """A small conv net with the project's input/head conventions (logits out)."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((size, size, 3), name="images")
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inputs)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.Activation("relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_classes, dtype="float32", name="predictions")(x)
-    return randomise(keras.Model(inputs, outputs), seed)
-
-
-def save_bundle(directory: pathlib.Path, model: keras.Model, pre, class_names) -> str:
-    """What app.train leaves in a model directory: best.keras, labels.txt, preprocessing.json."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = str(directory / "best.keras")
-    model.save(path)
-    write_labels(str(directory), class_names)
-    pre.save(str(directory))
-    return path
-
-
-def keras_reference(model: keras.Model, pre, pixels: np.ndarray) -> np.ndarray:
-    """Probabilities the Keras model gives for uint8 images of any size (the contract:
-    bilinear resize of float pixels, Preprocessing, softmax of the logits)."""
-    x = tf.image.resize(tf.cast(pixels, tf.float32), (pre.image_size, pre.image_size))
-    logits = model(pre(x), training=False)
-    return tf.nn.softmax(logits).numpy()
-
-
-def random_images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
-    """Smooth random pictures (noise upsampled), so JPEG keeps them close to themselves."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.uniform(0, 255, (n, max(2, height // 4), max(2, width // 4), 3))
-    smooth = tf.image.resize(coarse, (height, width), method="bilinear").numpy()
-    return np.clip(np.round(smooth), 0, 255).astype(np.uint8)
-
-
-def encode(image: np.ndarray, fmt: str) -> bytes:
-    if fmt == "png":
-        return tf.io.encode_png(image).numpy()
-    return tf.io.encode_jpeg(image, quality=95).numpy()
-
-
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "app.export", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
+    return run_program("app.export", *args, timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------

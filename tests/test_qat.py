@@ -13,8 +13,14 @@ from app import training
 from export import tflite
 from models import preprocessing as preprocessing_lib
 from models import qat, resnet
-from tests.test_export import random_images, randomise
-from tests.test_train import final_digest, run_train, start_train, wait_for_backup
+from tests.helpers import (
+    final_digest,
+    random_images,
+    randomise,
+    run_train,
+    start_train,
+    wait_for_backup,
+)
 
 # Ops of a full-int8 model that store their output in a scale of their own (the rest keep
 # their input's: PAD, RESHAPE, MAX_POOL_2D, STRIDED_SLICE; or are the fixed-scale ends).

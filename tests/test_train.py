@@ -21,65 +21,11 @@ import numpy as np
 import pytest
 
 from app import training, training_callbacks, training_state
-from app.common import UsageError
 from app.training_state import RunState
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
+from common.errors import UsageError
+from tests.helpers import REPO, final_digest, history_rows, run_train, start_train, wait_for_backup
 
 # --- helpers ----------------------------------------------------------------------------
-
-
-def train_command(model_dir, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "app.train", f"--model_dir={model_dir}", *flags]
-
-
-def run_train(model_dir, *flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run(
-        train_command(model_dir, *flags),
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def start_train(model_dir, *flags: str, log=None) -> subprocess.Popen:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.Popen(
-        train_command(model_dir, *flags),
-        cwd=REPO,
-        env=env,
-        stdout=log or subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait_for_backup(model_dir, after: tuple[int, int], proc, timeout: float = 240) -> tuple:
-    """Polls the backup until its (epoch, step) passes `after`; returns it."""
-    path = training_state.backup_path(str(model_dir))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = training_state.read_state(path)
-        if state is not None and (state.epoch, state.step) > after:
-            return state.epoch, state.step
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended (rc {proc.returncode}) before a new backup")
-        time.sleep(0.05)
-    raise AssertionError(f"no backup past {after} within {timeout} s")
-
-
-def history_rows(model_dir) -> list[dict[str, float]]:
-    return training_callbacks.read_history_csv(os.path.join(model_dir, "history.csv"))
-
-
-def final_digest(stdout: str) -> str:
-    lines = [line for line in stdout.splitlines() if "Final weights sha256" in line]
-    assert lines, stdout
-    return lines[-1].split()[-1]
 
 
 # --- settings ---------------------------------------------------------------------------
@@ -480,7 +426,7 @@ def test_training_writes_every_file_learns_and_flags_txt_reproduces_it(tmp_path,
 
     # The reloaded best.keras has the recorded accuracy on the same validation data.
     from app import data
-    from app.common import load_model_bundle
+    from models.bundle import load_model_bundle
 
     bundle = load_model_bundle(str(model_dir / "best.keras"))
     splits = data.load(

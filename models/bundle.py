@@ -1,46 +1,27 @@
-"""Helpers shared by the programs: atomic writes and loading a model with its sidecars."""
+"""A trained model with the sidecar files that give its outputs meaning.
+
+A model directory (what `app.train` writes, and an export folder) holds the model beside
+`labels.txt` (class names in index order, one per line) and `preprocessing.json`
+(`models.preprocessing.Preprocessing`). Every program loads them together, here.
+
+Example:
+
+    from models import bundle
+    b = bundle.load_model_bundle("runs/cpu_quick/best.keras")
+    print(b.class_names, b.preprocessing.image_size)
+"""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import tempfile
-from collections.abc import Iterator
 
+from common.errors import UsageError
+from common.files import write_text_atomic
 from models.preprocessing import FILENAME as PREPROCESSING_FILE
 from models.preprocessing import Preprocessing
 
 LABELS_FILE = "labels.txt"
-
-
-class UsageError(ValueError):
-    """A bad flag value or missing input file: reported as one line, exit code 2."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
-    """Yields a temporary path beside `path`; moves it into place only on success.
-
-    A crash or an exception never leaves a half-written `path` behind.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide outputs from e.g. a TF Serving user
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes `text` to `path` atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
 
 
 def write_labels(directory: str, class_names: list[str]) -> str:
@@ -51,6 +32,7 @@ def write_labels(directory: str, class_names: list[str]) -> str:
 
 
 def read_labels(directory: str) -> list[str]:
+    """The class names of `directory/labels.txt`, in index order."""
     path = os.path.join(directory, LABELS_FILE)
     with open(path) as f:
         return [line.rstrip("\n") for line in f if line.strip()]

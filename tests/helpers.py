@@ -1,0 +1,174 @@
+"""Helpers shared by the test modules: real data, subprocess runs, tiny models, images.
+
+Fixtures live in conftest.py; plain functions live here, imported as `from tests import helpers`
+or by name.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from app import training_callbacks, training_state
+from models.bundle import write_labels
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("SHARED_DATA", REPO.parent / "shared" / "data"))
+CIFAR10_DIR = SHARED_DATA / "cifar10"
+
+
+def require_cifar10() -> pathlib.Path:
+    """The real CIFAR-10 image-folder tree (train/<class>/*.jpg); skips the test when absent."""
+    if not (CIFAR10_DIR / "train").is_dir():
+        pytest.skip(f"real CIFAR-10 images not found at {CIFAR10_DIR} (set SHARED_DATA)")
+    return CIFAR10_DIR
+
+
+# --- programs in a subprocess ------------------------------------------------------------
+
+
+def run_program(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repository root, output captured."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+# --- training runs -----------------------------------------------------------------------
+
+
+def train_command(model_dir, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "app.train", f"--model_dir={model_dir}", *flags]
+
+
+def run_train(model_dir, *flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        train_command(model_dir, *flags),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_train(model_dir, *flags: str, log=None) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen(
+        train_command(model_dir, *flags),
+        cwd=REPO,
+        env=env,
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_backup(model_dir, after: tuple[int, int], proc, timeout: float = 240) -> tuple:
+    """Polls the backup until its (epoch, step) passes `after`; returns it."""
+    path = training_state.backup_path(str(model_dir))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = training_state.read_state(path)
+        if state is not None and (state.epoch, state.step) > after:
+            return state.epoch, state.step
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before a new backup")
+        time.sleep(0.05)
+    raise AssertionError(f"no backup past {after} within {timeout} s")
+
+
+def history_rows(model_dir) -> list[dict[str, float]]:
+    return training_callbacks.read_history_csv(os.path.join(model_dir, "history.csv"))
+
+
+def final_digest(stdout: str) -> str:
+    lines = [line for line in stdout.splitlines() if "Final weights sha256" in line]
+    assert lines, stdout
+    return lines[-1].split()[-1]
+
+
+# --- models and images -------------------------------------------------------------------
+
+
+def randomise(model: keras.Model, seed: int = 0) -> keras.Model:
+    """Non-trivial batch-norm statistics and a head with spread-out logits."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, n),
+                    rng.normal(0.0, 0.2, n),
+                    rng.normal(0.0, 0.5, n),
+                    rng.uniform(0.5, 2.0, n),
+                ]
+            )
+        elif isinstance(layer, keras.layers.Dense):
+            kernel, bias = layer.get_weights()
+            layer.set_weights([rng.normal(0.0, 0.3, kernel.shape), bias])
+    return model
+
+
+def tiny_model(num_classes: int = 10, size: int = 32, seed: int = 0) -> keras.Model:
+    """A small conv net with the project's input/head conventions (logits out)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3), name="images")
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Activation("relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, dtype="float32", name="predictions")(x)
+    return randomise(keras.Model(inputs, outputs), seed)
+
+
+def save_bundle(directory: pathlib.Path, model: keras.Model, pre, class_names) -> str:
+    """What app.train leaves in a model directory: best.keras, labels.txt, preprocessing.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = str(directory / "best.keras")
+    model.save(path)
+    write_labels(str(directory), class_names)
+    pre.save(str(directory))
+    return path
+
+
+def keras_reference(model: keras.Model, pre, pixels: np.ndarray) -> np.ndarray:
+    """Probabilities the Keras model gives for uint8 images of any size (the contract:
+    bilinear resize of float pixels, Preprocessing, softmax of the logits)."""
+    x = tf.image.resize(tf.cast(pixels, tf.float32), (pre.image_size, pre.image_size))
+    logits = model(pre(x), training=False)
+    return tf.nn.softmax(logits).numpy()
+
+
+def random_images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth random pictures (noise upsampled), so JPEG keeps them close to themselves."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (n, max(2, height // 4), max(2, width // 4), 3))
+    smooth = tf.image.resize(coarse, (height, width), method="bilinear").numpy()
+    return np.clip(np.round(smooth), 0, 255).astype(np.uint8)
+
+
+def encode(image: np.ndarray, fmt: str) -> bytes:
+    if fmt == "png":
+        return tf.io.encode_png(image).numpy()
+    return tf.io.encode_jpeg(image, quality=95).numpy()
