@@ -38,7 +38,7 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 
 bench: venv
-	$(PY) -m bench.run_all
+	$(if $(DATA_DIR),CIFAR10_DIR=$(DATA_DIR)) $(PY) -m bench.run_all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -26,6 +26,37 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def no_arguments(argv: list[str]) -> None:
+    """Refuses positional arguments for a program that takes flags only.
+
+    Raises:
+        UsageError: naming them.
+    """
+    from common.errors import UsageError
+
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+def show_progress_of(*loggers: str) -> None:
+    """Shows these loggers' INFO lines and hides TensorFlow's, unless --verbosity is given.
+
+    TensorFlow's own INFO lines (one per saved function and asset, through absl and its
+    "tensorflow" logger) would bury a program's progress lines.
+    """
+    import logging
+
+    from absl import flags
+    from absl import logging as absl_logging
+
+    if flags.FLAGS["verbosity"].present:  # an explicit --verbosity keeps absl's levels
+        return
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run(main)`, with user errors printed as `error: ...` and exit code 2."""
 

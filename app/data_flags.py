@@ -1,16 +1,33 @@
-"""The data flags shared by app.train and app.evaluate (DESIGN.md, "Data flags").
+"""The data flags the programs share, and their read-back from a training run's flags.txt.
 
 A program calls `define_data_flags()` in its `define_flags()` and, inside `main`,
-`data_config_from_flags(seed)` (the seed flag belongs to the trainer).
+`data_config_from_flags(seed)` (each program owns its seed flag). `app.train` writes its
+flags to `flags.txt` beside the model; `training_run_flags` reads them back, so
+`app.evaluate` and `app.export` read the training run's data with its seed and validation
+fraction (the same held-out images) unless told otherwise.
+
+Example (inside a program's `main`, flags parsed):
+
+    from app import data_flags
+    trained = data_flags.training_run_flags("runs/cpu_quick/best.keras")
+    config = data_flags.data_config_from_flags(trained.get("seed", 0), inherit=trained)
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 from absl import flags
 
 from app.data import DataConfig, DataError
+from common.errors import UsageError
 
 FLAGS = flags.FLAGS
+# What app.train writes beside the model: a flagfile that reproduces the run.
+TRAINING_FLAGS_FILE = "flags.txt"
+# Data flags that, when not given, default to the training run's values.
+INHERITED_DATA_FLAGS = ("dataset", "data_dir", "validation_split")
 
 
 def define_data_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -60,16 +77,88 @@ def define_data_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     )
 
 
-def data_config_from_flags(seed: int, flag_values: flags.FlagValues = FLAGS) -> DataConfig:
-    """A `DataConfig` from the parsed data flags and the program's seed."""
+def data_config_from_flags(
+    seed: int,
+    flag_values: flags.FlagValues = FLAGS,
+    inherit: Mapping[str, object] | None = None,
+) -> DataConfig:
+    """A `DataConfig` from the parsed data flags and the program's seed.
+
+    Args:
+        seed: the program's seed.
+        flag_values: the parsed flags.
+        inherit: a training run's flags (`training_run_flags`): the `INHERITED_DATA_FLAGS`
+            not given on the command line take their values from it.
+    """
     dataset = flag_values["dataset"].value.strip()
     if not dataset:
         raise DataError("--dataset is empty; pass a TFDS name such as cifar10")
+    values = {
+        "dataset": dataset,
+        "data_dir": flag_values["data_dir"].value or None,
+        "validation_split": flag_values["validation_split"].value,
+    }
+    for name in INHERITED_DATA_FLAGS:
+        if inherit and inherit.get(name, "") != "" and not flag_values[name].present:
+            values[name] = inherit[name]
     return DataConfig(
-        dataset=dataset,
-        data_dir=flag_values["data_dir"].value or None,
-        validation_split=flag_values["validation_split"].value,
+        **values,
         train_limit=flag_values["train_limit"].value,
         eval_limit=flag_values["eval_limit"].value,
         seed=seed,
+    )
+
+
+def read_flagfile(path: str) -> dict[str, str]:
+    """`--name=value` lines of a flagfile (as app.train writes `flags.txt`); {} if absent.
+
+    Comments, blank lines and boolean `--name` / `--noname` lines are skipped.
+    """
+    if not os.path.isfile(path):
+        return {}
+    values = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("--") and "=" in line:
+                name, value = line[2:].split("=", 1)
+                values[name] = value
+    return values
+
+
+def training_run_flags(model_path: str) -> dict[str, object]:
+    """The flags of the run that trained `model_path` (its `flags.txt`); {} when absent.
+
+    Values are strings as written, except `seed` (int) and `validation_split` (float).
+
+    Raises:
+        UsageError: a seed or validation fraction in flags.txt that is not a number.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), TRAINING_FLAGS_FILE)
+    trained: dict[str, object] = dict(read_flagfile(path))
+    try:
+        if "seed" in trained:
+            trained["seed"] = int(trained["seed"])
+        if "validation_split" in trained:
+            trained["validation_split"] = float(trained["validation_split"])
+    except ValueError as e:
+        raise UsageError(f"bad --seed or --validation_split in the model's flags.txt ({e})") from e
+    return trained
+
+
+def training_data_config(model_path: str, data_dir: str | None = None) -> DataConfig | None:
+    """The data to read real images from: `data_dir`, else the training run's data.
+
+    Read with the training run's dataset name, seed and validation fraction (so a held-out
+    validation split is the run's own); None when neither `data_dir` nor the training run's
+    flags.txt is there.
+    """
+    trained = training_run_flags(model_path)
+    if data_dir is None and not trained:
+        return None
+    return DataConfig(
+        dataset=trained.get("dataset") or "cifar10",
+        data_dir=data_dir or trained.get("data_dir") or None,
+        validation_split=trained.get("validation_split", 0.1),
+        seed=trained.get("seed", 0),
     )

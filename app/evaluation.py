@@ -1,14 +1,26 @@
 """Evaluation of a trained model on one split: metrics, per-class accuracy, pictures.
 
-Pure functions over plain arguments (a Keras model, a `tf.data` dataset, arrays); the
-`app.evaluate` program wires them to flags.
+`evaluate(EvalConfig)` is what `python -m app.evaluate` runs: load the model and the data,
+refuse data with other classes, run the model over the split, print the metrics and write
+`eval_<split>.json`, `confusion_<split>.png` and `predictions_<split>.png`. Its steps are
+pure functions over plain arguments (a Keras model, a `tf.data` dataset, arrays).
 
 Example:
 
     from app import data, evaluation
+    config = evaluation.EvalConfig(
+        model="runs/cpu_quick/best.keras",
+        data=data.DataConfig(data_dir="~/data/cifar10"),
+        split="validation",
+    )
+    result, paths = evaluation.evaluate(config)
+    print(result.top1, paths["json"])
+
+Or step by step:
+
     from models.bundle import load_model_bundle
     bundle = load_model_bundle("runs/cpu_quick/best.keras")
-    splits = data.load(data.DataConfig(data_dir="../shared/data/cifar10"))
+    splits = data.load(data.DataConfig(data_dir="~/data/cifar10"))
     evaluation.check_class_names(bundle.class_names, splits.class_names, "the data")
     name, examples, note = evaluation.choose_split(splits, "validation")
     ds = data.eval_dataset(examples, bundle.preprocessing, 128)
@@ -22,14 +34,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from app.data import SPLITS
 from common.errors import UsageError
 from common.files import write_text_atomic
 
-SPLITS = ("train", "validation", "test")
+if TYPE_CHECKING:
+    from app.data import DataConfig
+
 TOP_K = 5
 # The reference tutorial's prediction figure: 2 rows of 3 images.
 GRID_IMAGES = 6
@@ -299,18 +316,76 @@ def write_outputs(
     return paths
 
 
-def read_flagfile(path: str) -> dict[str, str]:
-    """`--name=value` lines of a flagfile (as app.train writes `flags.txt`); {} if absent.
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run.
 
-    Comments, blank lines and boolean `--name` / `--noname` lines are skipped.
+    Attributes:
+        model: the `.keras` file (labels.txt and preprocessing.json beside it).
+        data: the dataset to read (`app.data.DataConfig`).
+        split: one of `SPLITS`; "test" falls back to "validation" when the data has none.
+        output_dir: where the files go; None: the model's folder.
+        batch_size: images per batch.
+        verbose: 1 shows a progress bar.
     """
-    if not os.path.isfile(path):
-        return {}
-    values = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("--") and "=" in line:
-                name, value = line[2:].split("=", 1)
-                values[name] = value
-    return values
+
+    model: str
+    data: DataConfig
+    split: str = "test"
+    output_dir: str | None = None
+    batch_size: int = 128
+    verbose: int = 1
+
+
+def evaluate(config: EvalConfig) -> tuple[EvalResult, dict[str, str]]:
+    """Evaluates the model on the split; prints and writes what `app.evaluate` does.
+
+    A note on stderr says when --split=test fell back to validation; the metrics and the
+    per-class table go to stdout, then the paths written.
+
+    Returns:
+        (the metrics, {"json": path, "confusion": path, "predictions": path}).
+
+    Raises:
+        UsageError: an unusable model, data whose classes differ from the model's, an
+            empty split, or an output folder that cannot be written.
+        app.data.DataError: the data cannot be read.
+    """
+    from app import data
+    from models.bundle import load_model_bundle
+
+    bundle = load_model_bundle(config.model)
+    # Unless train is evaluated, load one training image only: the hold-out is chosen
+    # before the limit, and decoding 45,000 unused images would cost most of the run.
+    load_config = config.data
+    if config.split != "train":
+        load_config = dataclasses.replace(config.data, train_limit=1)
+    splits = data.load(load_config)
+    check_class_names(bundle.class_names, splits.class_names, splits.train.origin)
+    split, examples, note = choose_split(splits, config.split)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    dataset = data.eval_dataset(examples, bundle.preprocessing, config.batch_size)
+    keep = sample_indices(examples.num_examples)
+    logits, labels, kept = predict_logits(
+        bundle.model, dataset, keep, verbose=config.verbose, total=examples.num_examples
+    )
+    result = compute_metrics(logits, labels, bundle.class_names, split)
+    output_dir = config.output_dir or os.path.dirname(os.path.abspath(config.model))
+    paths = write_outputs(
+        result,
+        output_dir,
+        images=bundle.preprocessing.invert(np.stack([kept[i] for i in keep])),
+        labels=[labels[i] for i in keep],
+        predictions=[int(logits[i].argmax()) for i in keep],
+        extra={
+            "model": os.path.abspath(config.model),
+            "requested_split": config.split,
+            "data_source": splits.source,
+            "data_origin": examples.origin,
+            "data_config": dataclasses.asdict(config.data),
+        },
+    )
+    print(format_report(result))
+    print(f"wrote {paths['json']}, {paths['confusion']}, {paths['predictions']}")
+    return result, paths

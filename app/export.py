@@ -14,7 +14,7 @@ the model was trained on (--dataset/--data_dir in the flags.txt beside the model
 Usage:
 
     python -m app.export --model=runs/cpu_quick/best.keras \
-        --representative_data=../shared/data/cifar10
+        --representative_data=~/data/cifar10
 
     # only the SavedModel, into a TF Serving model base path of your choice:
     python -m app.export --model=runs/cpu_quick/best.keras --formats=saved_model \
@@ -23,17 +23,12 @@ Usage:
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-
 from absl import flags
-from absl import logging as absl_logging
 
 from app import cli
+from export import FORMATS, TFLITE_FORMATS
 
-DEFAULT_FORMATS = "saved_model,float32,float16,dynamic_int8,int8"
-TRAINING_FLAGS_FILE = "flags.txt"
+DEFAULT_FORMATS = ",".join(FORMATS)
 
 _MODEL: flags.FlagHolder[str]
 _EXPORT_DIR: flags.FlagHolder[str]
@@ -56,7 +51,7 @@ def define_flags() -> None:
         "formats",
         DEFAULT_FORMATS,
         "Comma-separated formats to write: saved_model (TF Serving, a new integer version) "
-        "and the .tflite models float32, float16, dynamic_int8, int8.",
+        f"and the .tflite models {', '.join(TFLITE_FORMATS)}.",
     )
     _REPRESENTATIVE_DATA = flags.DEFINE_string(
         "representative_data",
@@ -78,68 +73,22 @@ def define_flags() -> None:
     flags.mark_flag_as_required("model")
 
 
-def data_config(model_path: str, representative_data: str | None):
-    """The real images' `DataConfig`: --representative_data or the training run's data,
-    with the training run's seed and validation fraction (so its hold-out is the same);
-    None when neither is known."""
-    from app.data import DataConfig
-    from app.evaluation import read_flagfile
-    from common.errors import UsageError
-
-    trained = read_flagfile(
-        os.path.join(os.path.dirname(os.path.abspath(model_path)), TRAINING_FLAGS_FILE)
-    )
-    if representative_data is None and not trained:
-        return None
-    try:
-        seed = int(trained.get("seed", 0))
-        validation_split = float(trained.get("validation_split", 0.1))
-    except ValueError as e:
-        raise UsageError(f"bad --seed or --validation_split in the model's flags.txt ({e})") from e
-    return DataConfig(
-        dataset=trained.get("dataset") or "cifar10",
-        data_dir=representative_data or trained.get("data_dir") or None,
-        validation_split=validation_split,
-        seed=seed,
-    )
-
-
 def main(argv: list[str]) -> None:
-    from common.errors import UsageError
-    from export import exporter, report
-    from models.bundle import load_model_bundle
+    from app import data_flags, exporting
+    from export import exporter
 
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    # TensorFlow's own INFO lines (one per saved function and asset, through absl and its
-    # "tensorflow" logger) would bury this program's progress lines (export.* loggers).
-    if not flags.FLAGS["verbosity"].present:  # an explicit --verbosity keeps absl's levels
-        absl_logging.set_verbosity(absl_logging.WARNING)
-        logging.getLogger("tensorflow").setLevel(logging.WARNING)
-        logging.getLogger("export").setLevel(logging.INFO)
-    formats = exporter.parse_formats(_FORMATS.value)
-    bundle = load_model_bundle(_MODEL.value)
-    export_dir = _EXPORT_DIR.value or os.path.join(
-        os.path.dirname(os.path.abspath(_MODEL.value)), "export"
-    )
-    data = data_config(_MODEL.value, _REPRESENTATIVE_DATA.value)
-    if data is None and "int8" not in formats:
-        print(
-            "note: no --representative_data nor flags.txt: no agreement figures in the report",
-            file=sys.stderr,
-        )
-    result = exporter.export_all(
-        bundle,
-        exporter.ExportConfig(
-            export_dir=export_dir,
-            formats=formats,
-            data=data,
+    cli.no_arguments(argv)
+    cli.show_progress_of("export", exporting.__name__)
+    exporting.export_model(
+        exporting.ExportJob(
+            model=_MODEL.value,
+            export_dir=_EXPORT_DIR.value,
+            formats=exporter.parse_formats(_FORMATS.value),
+            data=data_flags.training_data_config(_MODEL.value, _REPRESENTATIVE_DATA.value),
             num_calibration=_NUM_CALIBRATION.value,
             num_evaluation=_NUM_EVALUATION.value,
-        ),
+        )
     )
-    print(report.to_markdown(result))
-    print(f"exported {', '.join(formats)} to {export_dir}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import sys
 
 from absl import flags
@@ -40,27 +39,9 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     from app import prediction
-    from common.errors import UsageError
 
-    paths = argv[1:]
-    if not paths:
-        raise UsageError("no images given: python -m app.predict --model=MODEL IMAGE [IMAGE ...]")
-    predictor = prediction.load_predictor(_MODEL.value)
-    results = prediction.classify_files(predictor, paths, _TOP_K.value)
-    for result in results:
-        if result.error is not None:
-            print(f"error: {result.error}", file=sys.stderr)
-    if _JSON.value:
-        document = {
-            "model": predictor.path,
-            "format": predictor.kind,
-            "results": [r.to_dict() for r in results],
-        }
-        print(json.dumps(document, indent=2))
-    else:
-        print(prediction.format_results(results))
-    if any(r.error is not None for r in results):
-        sys.exit(1)
+    if not prediction.predict_files(_MODEL.value, argv[1:], _TOP_K.value, _JSON.value):
+        sys.exit(1)  # some file was not an image; the others were answered
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Top-k classification of image files with a Keras, SavedModel or TFLite model.
 
 The three formats share one image path: decode (JPEG/PNG/GIF/BMP/WebP, grayscale and RGBA
-to RGB), then resize float pixels with bilinear `tf.image.resize` to the model's image size,
-exactly as the data pipeline and the exported graphs do, so they agree on the top-1 class.
+to RGB), then resize float pixels to the model's image size with `models.preprocessing.resize`,
+the one resize the data pipeline and the exported graphs use, so they agree on the top-1 class.
+`predict_files` is what `python -m app.predict` runs.
 
 Example:
 
@@ -10,25 +11,28 @@ Example:
     predictor = prediction.load_predictor("runs/cpu_quick/best.keras")
     image = prediction.read_image("cat.jpg")
     print(prediction.top_k(predictor.predict([image])[0], predictor.class_names, k=3))
+
+    prediction.predict_files("runs/cpu_quick/export/model_int8.tflite", ["cat.jpg"], k=3)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import re
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 
-from common.errors import UsageError
+from common.errors import UsageError, first_line
 from models.bundle import LABELS_FILE, load_model_bundle, read_labels
+from models.preprocessing import resize
 
 KERAS_SUFFIX = ".keras"
 TFLITE_SUFFIX = ".tflite"
 # Images per Keras call: bounds memory for long file lists.
 KERAS_BATCH = 64
-TFLITE_THREADS = 2
 
 
 class ImageError(ValueError):
@@ -62,27 +66,15 @@ def read_image(path: str) -> np.ndarray:
     try:
         image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
-        raise ImageError(f"{path}: not a readable image ({_tf_message(e)})") from e
+        raise ImageError(f"{path}: not a readable image ({first_line(e)})") from e
     return image.numpy()
 
 
-def _tf_message(error: Exception) -> str:
-    """The useful part of a TF op error ("Unknown image file format. ...")."""
-    message = getattr(error, "message", str(error))
-    message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)
-    return re.sub(r"\s*\[Op:\w+\]", "", message).strip()
+def _resized(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
+    """uint8 `[h, w, 3]` images of any sizes -> float32 `[n, S, S, 3]` pixels 0..255."""
+    import keras
 
-
-def resize(image: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 `[h, w, 3]` to float32 `[image_size, image_size, 3]` pixels 0..255.
-
-    Bilinear `tf.image.resize` of float pixels without antialiasing: the same op the data
-    pipeline and the exported graphs use.
-    """
-    import tensorflow as tf
-
-    pixels = tf.cast(image, tf.float32)
-    return tf.image.resize(pixels, (image_size, image_size), method="bilinear").numpy()
+    return np.stack([keras.ops.convert_to_numpy(resize(im, image_size)) for im in images])
 
 
 def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[Prediction]:
@@ -122,7 +114,7 @@ class KerasPredictor(Predictor):
         size = self.preprocessing.image_size
         out = []
         for start in range(0, len(images), KERAS_BATCH):
-            pixels = np.stack([resize(im, size) for im in images[start : start + KERAS_BATCH]])
+            pixels = _resized(images[start : start + KERAS_BATCH], size)
             logits = self.model.predict_on_batch(self.preprocessing(pixels).astype(np.float32))
             out.append(keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1)))
         if not out:
@@ -165,7 +157,7 @@ class SavedModelPredictor(Predictor):
         try:
             self.serving = saved_model.load_serving(version_dir)
         except Exception as e:  # parse/graph errors all mean "not a usable SavedModel"
-            raise UsageError(f"{version_dir} is not a loadable SavedModel ({e})") from e
+            raise UsageError(f"{version_dir} is not a loadable SavedModel ({first_line(e)})") from e
         if saved_model.SIGNATURE_IMAGES not in self.serving.signatures:
             raise UsageError(
                 f"{version_dir} has no {saved_model.SIGNATURE_IMAGES} signature "
@@ -205,69 +197,35 @@ class SavedModelPredictor(Predictor):
 
 
 class TFLitePredictor(Predictor):
-    """A `.tflite` model: `[1, S, S, 3]` RGB pixels 0..255 in (float32 or uint8),
-    probabilities out; `labels.txt` beside it.
+    """A `.tflite` model run by `export.tflite.TFLiteClassifier`: `[1, S, S, 3]` RGB pixels
+    0..255 in, probabilities out; `labels.txt` beside it.
 
-    Not `export.tflite.TFLiteClassifier`: that takes uint8 pixels only, so a float model would
-    see the resize rounded (up to half a grey level off what Keras sees), which can flip a
-    close top-1. The `.tflite` contract allows float32 input: float models get the exact
-    float pixels here, and only the int8 model gets them rounded.
+    Float models get the resized pixels as exact floats (rounding them to uint8 would put a
+    float model up to half a grey level off what Keras sees, which can flip a close top-1);
+    only the int8 model gets them rounded, to its uint8 input.
     """
 
     kind = "tflite"
 
     def __init__(self, path: str):
-        from ai_edge_litert.interpreter import Interpreter
+        from export.tflite import TFLiteClassifier
 
         if not os.path.isfile(path):
             raise UsageError(f"model file not found: {path}")
         self.path = path
-        try:
-            self.interpreter = Interpreter(model_path=path, num_threads=TFLITE_THREADS)
-            self.interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as e:
-            raise UsageError(f"{path} is not a TFLite model ({e})") from e
-        self._input = self.interpreter.get_input_details()[0]
-        self._output = self.interpreter.get_output_details()[0]
-        shape = self._input["shape"]
-        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
-            raise UsageError(f"{path} takes input {list(shape)}, not [1, size, size, 3]")
-        self.image_size = int(shape[1])
+        self.classifier = TFLiteClassifier(path)
+        self.image_size = self.classifier.image_size
         self.class_names = read_labels(find_labels(os.path.dirname(os.path.abspath(path)), 0))
-        classes = int(self._output["shape"][-1])
+        classes = self.classifier.num_classes
         if classes != len(self.class_names):
             raise UsageError(
                 f"{path} has {classes} outputs but {LABELS_FILE} lists {len(self.class_names)}"
             )
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        out = np.zeros((len(images), len(self.class_names)), np.float32)
-        for i, image in enumerate(images):
-            pixels = resize(image, self.image_size)[None]
-            self.interpreter.set_tensor(self._input["index"], _quantize(pixels, self._input))
-            self.interpreter.invoke()
-            out[i] = _dequantize(self.interpreter.get_tensor(self._output["index"]), self._output)
-        return out
-
-
-def _quantize(values: np.ndarray, detail: dict) -> np.ndarray:
-    """Float values to the tensor's dtype with its (scale, zero_point), if it is integer."""
-    dtype = detail["dtype"]
-    if np.issubdtype(dtype, np.floating):
-        return values.astype(dtype)
-    scale, zero_point = detail["quantization"]
-    if scale:
-        values = values / scale + zero_point
-    info = np.iinfo(dtype)
-    return np.clip(np.round(values), info.min, info.max).astype(dtype)
-
-
-def _dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
-    """An integer output back to floats with its (scale, zero_point)."""
-    if np.issubdtype(values.dtype, np.floating):
-        return values[0]
-    scale, zero_point = detail["quantization"]
-    return (values[0].astype(np.float32) - zero_point) * (scale or 1.0)
+        if not len(images):
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return self.classifier.predict(_resized(images, self.image_size))
 
 
 def load_predictor(path: str) -> Predictor:
@@ -341,3 +299,34 @@ def format_results(results: Sequence[ImageResult]) -> str:
         for rank, p in enumerate(result.predictions, 1):
             lines.append(f"  {rank}. {p.name:<{width}}  {p.probability:.4f}")
     return "\n".join(lines)
+
+
+def predict_files(model: str, paths: Sequence[str], k: int = 3, as_json: bool = False) -> bool:
+    """Classifies image files and prints the answers, as `python -m app.predict` does.
+
+    Prints the top-k classes of each readable file (a table, or one JSON document with
+    `as_json`) to stdout, and one `error: ...` line per unreadable file to stderr.
+
+    Returns:
+        True when every file was answered.
+
+    Raises:
+        UsageError: no files, or a model that cannot be loaded.
+    """
+    if not paths:
+        raise UsageError("no images given: python -m app.predict --model=MODEL IMAGE [IMAGE ...]")
+    predictor = load_predictor(model)
+    results = classify_files(predictor, paths, k)
+    for result in results:
+        if result.error is not None:
+            print(f"error: {result.error}", file=sys.stderr)
+    if as_json:
+        document = {
+            "model": predictor.path,
+            "format": predictor.kind,
+            "results": [r.to_dict() for r in results],
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(format_results(results))
+    return all(r.error is None for r in results)

@@ -8,7 +8,7 @@ reference. Each case runs in this process one after the other, from the same ini
 (those of the plain float32 model built with `--seed`), so separate runs compare too.
 
 Usage (about 5 minutes per case per 300 steps on the 2-core machine):
-    python -m bench.bench_accuracy --data_dir=../shared/data/cifar10 --steps=300 \\
+    python -m bench.bench_accuracy --data_dir=~/data/cifar10 --steps=300 \\
         --cases=ours-imagenet-f32,ours-imagenet-f32+mm+fbn,ours-imagenet-bf16+mm+fbn
 """
 
@@ -24,7 +24,7 @@ from app import cli
 from bench import common
 
 DEFAULT_CASES = ("ours-imagenet-f32", "ours-imagenet-f32+mm+fbn", "ours-imagenet-bf16+mm+fbn")
-DEFAULT_DATA_DIR = common.shared_cifar10_dir()
+DEFAULT_DATA_DIR = common.default_data_dir()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,12 +28,13 @@ from absl import flags, logging
 
 from app import cli
 from bench import common
+from export import TFLITE_FORMATS
 
 # Keras predict on all images in one call; the others are called once per batch.
 ALL_ROWS = ("keras_predict", "tf_function", "tf_function_bf16", "saved_model")
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
-DEFAULT_DATA_DIR = common.shared_cifar10_dir()
+DEFAULT_DATA_DIR = common.default_data_dir()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +92,10 @@ def default_bundle(stem: str = "imagenet"):
 def calibration_images(data_dir: str | None, class_names: list[str], size: int, n: int = 100):
     """Real training images for the int8 model when `data_dir` is readable, else random."""
     if data_dir and os.path.isdir(data_dir):
+        from app import exporting
         from app.data import DataConfig
-        from export import images
 
-        sample, _ = images.calibration_and_evaluation(
+        sample, _ = exporting.calibration_and_evaluation(
             DataConfig(data_dir=data_dir), class_names, size, n, 0
         )
         return sample.images, sample.source
@@ -105,7 +106,7 @@ def calibration_images(data_dir: str | None, class_names: list[str], size: int, 
 def measure(
     bundle,
     rows: tuple[str, ...] = ALL_ROWS,
-    tflite_formats: tuple[str, ...] = ("float32", "float16", "dynamic_int8", "int8"),
+    tflite_formats: tuple[str, ...] = TFLITE_FORMATS,
     batch: int = 64,
     num_images: int = 512,
     latency_runs: int = 30,
@@ -244,7 +245,7 @@ def define_flags() -> None:
     flags.DEFINE_list("rows", list(ALL_ROWS), f"Non-LiteRT rows, some of {','.join(ALL_ROWS)}.")
     flags.DEFINE_list(
         "formats",
-        ["float32", "float16", "dynamic_int8", "int8"],
+        list(TFLITE_FORMATS),
         "`.tflite` formats to convert and time (empty: none).",
     )
     flags.DEFINE_integer("batch_size", 64, "Batch for the throughput column.", lower_bound=1)
@@ -264,7 +265,6 @@ def main(argv: list[str]) -> None:
         return flags.FLAGS[name].value
 
     from common.errors import UsageError
-    from export import TFLITE_FORMATS
     from models.bundle import load_model_bundle
 
     logging.set_verbosity(logging.WARNING)  # TensorFlow's SavedModel writer logs every file

@@ -13,7 +13,7 @@ float ("weights only"), and how many flips fall on images the Keras model gets w
 
 Usage (about 25 s per conversion for ResNet-50 at 32x32 on the 2-core machine):
     python -m bench.bench_int8 --model=runs/r50_ft2/best.keras \\
-        --data_dir=../shared/data/cifar10 --subsets=4
+        --data_dir=~/data/cifar10 --subsets=4
 """
 
 from __future__ import annotations
@@ -89,14 +89,14 @@ def measure(
     log=print,
 ) -> list[Row]:
     """Both calibrations on each calibration subset; see the module docstring."""
-    from app.export import data_config
-    from export import images, report, tflite
+    from app import data_flags, exporting
+    from export import report, tflite
     from models.bundle import load_model_bundle
 
     bundle = load_model_bundle(model_path)
     size = bundle.preprocessing.image_size
-    calibration, evaluation = images.calibration_and_evaluation(
-        data_config(model_path, data_dir),
+    calibration, evaluation = exporting.calibration_and_evaluation(
+        data_flags.training_data_config(model_path, data_dir),
         bundle.class_names,
         size,
         num_calibration * subsets,
@@ -178,7 +178,7 @@ def report_table(rows: list[Row]) -> str:
 
 def define_flags() -> None:
     flags.DEFINE_string("model", None, "A trained best.keras.", required=True)
-    flags.DEFINE_string("data_dir", common.shared_cifar10_dir(), "Its real images.")
+    flags.DEFINE_string("data_dir", common.default_data_dir(), "Its real images.")
     flags.DEFINE_integer("num_calibration", 200, "Images per calibration set.", lower_bound=1)
     flags.DEFINE_integer("subsets", 4, "Disjoint calibration sets.", lower_bound=1)
     flags.DEFINE_integer("num_evaluation", 2000, "Held-out images compared.", lower_bound=1)

@@ -21,7 +21,7 @@ import sys
 from absl import flags
 
 from app import cli
-from bench import common
+from bench import common, train_report
 
 DEFAULT_CASES = (
     "ours-imagenet-f32",
@@ -127,7 +127,7 @@ def report(results: list[Memory], batch_size: int = 128) -> str:
 
     rows = []
     for r in results:
-        model, stem, settings = bench_train.describe(bench_train.Case.parse(r.case))
+        model, stem, settings = train_report.describe(bench_train.Case.parse(r.case))
         rows.append(
             (
                 model,

@@ -41,7 +41,7 @@ import time
 from absl import flags
 
 from app import cli
-from bench import common
+from bench import common, train_report
 
 # The comparison of the issue, pairwise: ours (as models.resnet builds it) and keras.applications,
 # both stems, both precisions.
@@ -283,106 +283,6 @@ def measure(
     ]
 
 
-def describe(case: Case) -> tuple[str, str, str]:
-    """(model, input/stem, settings) columns for a table."""
-    model = {
-        "ours": "ours resnet50",
-        "ours18": "ours resnet18",
-        "keras": "keras.applications.ResNet50",
-    }[case.model]
-    if case.stride_on_1x1:
-        model += " (stride on 1x1)"
-    stem = {
-        "imagenet": "32x32, ImageNet stem",
-        "cifar": "32x32, CIFAR stem",
-        "up128": "32x32 resized to 128x128 in the model",
-    }[case.stem]
-    settings = [case.policy]
-    if case.jit_compile:
-        settings.append("XLA")
-    if case.steps_per_execution > 1:
-        settings.append(f"steps_per_execution={case.steps_per_execution}")
-    if case.channels_first:
-        settings.append("channels_first")
-    if case.matmul_convs:
-        settings.append("matmul 1x1 convs")
-    if case.fused_bn:
-        settings.append("fused batch norm")
-    return model, stem, ", ".join(settings)
-
-
-def report(
-    results: list[Result], peaks: dict[str, common.Peak], baseline: str | None = None
-) -> str:
-    """Markdown table of `results`; speed-ups are relative to the case named `baseline`.
-
-    MFU is model FLOP/s over the matmul peak of the case's compute type (float32 or
-    bfloat16): by wall clock (median images/s), and by CPU time (FLOPs per CPU-second of the
-    model over those of the matmul), which a busy machine disturbs far less.
-    """
-    base = {r.case.name: r for r in results}.get(baseline)
-    headers = ["model", "input", "settings", "images/s median (min–max)", "CPU ms/image"]
-    headers += ["GFLOP/image (train)", "MFU wall", "MFU CPU-time"]
-    if base:
-        headers.append(f"x {baseline}")
-    rows = []
-    for r in results:
-        flops = r.train_flops_per_image
-        peak = peaks.get("bfloat16" if r.case.policy == "mixed_bfloat16" else "float32")
-        mfu_wall = mfu_cpu = "n/a"
-        if peak:
-            mfu_wall = f"{100 * flops * r.images_per_s.median / peak.flops_per_s:.1f}%"
-            mfu_cpu = f"{100 * flops / r.cpu_s_per_image.median / peak.flops_per_cpu_s:.1f}%"
-        row = [
-            *describe(r.case),
-            common.median_range(r.images_per_s),
-            f"{1000 * r.cpu_s_per_image.median:.1f}",
-            f"{flops / 1e9:.2f}",
-            mfu_wall,
-            mfu_cpu,
-        ]
-        if base:
-            row.append(f"{r.images_per_s.median / base.images_per_s.median:.2f}")
-        rows.append(row)
-    return common.table(headers, rows)
-
-
-def measure_peaks(log=print) -> dict[str, common.Peak]:
-    """Measured matmul FLOP rates of this machine, float32 and bfloat16."""
-    peaks = {dtype: common.peak_matmul(dtype) for dtype in ("float32", "bfloat16")}
-    if log:
-        log("  peak matmul: " + describe_peaks(peaks))
-    return peaks
-
-
-def best_peaks(*measured: dict[str, common.Peak]) -> dict[str, common.Peak]:
-    """The best of several peak measurements (a busy machine only lowers them)."""
-    return {
-        key: common.Peak(
-            max(m[key].flops_per_s for m in measured),
-            max(m[key].flops_per_cpu_s for m in measured),
-        )
-        for key in measured[0]
-    }
-
-
-def describe_peaks(peaks: dict[str, common.Peak]) -> str:
-    return ", ".join(
-        f"{key} {p.flops_per_s / 1e9:.0f} GFLOP/s ({p.flops_per_cpu_s / 1e9:.0f} per CPU-s)"
-        for key, p in peaks.items()
-    )
-
-
-def configure_threads(intra_op: int, inter_op: int) -> None:
-    """Sets TensorFlow's thread pools (0 keeps TensorFlow's choice); before any op runs."""
-    import tensorflow as tf
-
-    if intra_op:
-        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-    if inter_op:
-        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
-
-
 def define_flags() -> None:
     flags.DEFINE_list("cases", list(MAIN_CASES), "Cases to time, in turns (see the docstring).")
     flags.DEFINE_integer("batch_size", 128, "Images per training step.", lower_bound=1)
@@ -402,13 +302,13 @@ def main(argv: list[str]) -> None:
         return flags.FLAGS[name].value
 
     cases = [Case.parse(name) for name in flag("cases")]
-    configure_threads(flag("intra_op_threads"), flag("inter_op_threads"))
+    common.configure_threads(flag("intra_op_threads"), flag("inter_op_threads"))
     print(common.environment())
     onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)")
     intra, inter = flag("intra_op_threads") or "default", flag("inter_op_threads") or "default"
     threads = f"intra={intra} inter={inter}"
     print(f"TF_ENABLE_ONEDNN_OPTS={onednn}, threads {threads}")
-    peaks = measure_peaks()
+    peaks = common.measure_peaks()
     results = measure(
         cases,
         batch_size=flag("batch_size"),
@@ -416,8 +316,8 @@ def main(argv: list[str]) -> None:
         steps=flag("steps"),
         repeats=flag("repeats"),
     )
-    peaks = best_peaks(peaks, measure_peaks())
-    print(report(results, peaks, flag("baseline")))
+    peaks = common.best_peaks(peaks, common.measure_peaks())
+    print(train_report.report(results, peaks, flag("baseline")))
     if flag("json_out"):
         from common.files import write_text_atomic
 

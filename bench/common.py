@@ -38,11 +38,12 @@ class Stats:
         return (self.high - self.low) / self.median if self.median else float("nan")
 
 
-def shared_cifar10_dir() -> str:
-    """The real CIFAR-10 images beside the repository ($SHARED_DATA/cifar10, as the tests)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shared = os.environ.get("SHARED_DATA", os.path.join(repo, "..", "shared", "data"))
-    return os.path.normpath(os.path.join(shared, "cifar10"))
+def default_data_dir() -> str:
+    """Real CIFAR-10 images (any `app.data` layout): $CIFAR10_DIR, else ~/data/cifar10.
+
+    `make bench DATA_DIR=...` sets CIFAR10_DIR.
+    """
+    return os.path.expanduser(os.environ.get("CIFAR10_DIR") or "~/data/cifar10")
 
 
 def cpu_seconds() -> float:
@@ -207,3 +208,39 @@ def median_range(stats: Stats, scale: float = 1.0, digits: int = 0) -> str:
         f"{fmt.format(stats.median * scale)} "
         f"({fmt.format(stats.low * scale)}–{fmt.format(stats.high * scale)})"
     )
+
+
+def measure_peaks(log=print) -> dict[str, Peak]:
+    """Measured matmul FLOP rates of this machine, float32 and bfloat16."""
+    peaks = {dtype: peak_matmul(dtype) for dtype in ("float32", "bfloat16")}
+    if log:
+        log("  peak matmul: " + describe_peaks(peaks))
+    return peaks
+
+
+def best_peaks(*measured: dict[str, Peak]) -> dict[str, Peak]:
+    """The best of several peak measurements (a busy machine only lowers them)."""
+    return {
+        key: Peak(
+            max(m[key].flops_per_s for m in measured),
+            max(m[key].flops_per_cpu_s for m in measured),
+        )
+        for key in measured[0]
+    }
+
+
+def describe_peaks(peaks: dict[str, Peak]) -> str:
+    return ", ".join(
+        f"{key} {p.flops_per_s / 1e9:.0f} GFLOP/s ({p.flops_per_cpu_s / 1e9:.0f} per CPU-s)"
+        for key, p in peaks.items()
+    )
+
+
+def configure_threads(intra_op: int, inter_op: int) -> None:
+    """Sets TensorFlow's thread pools (0 keeps TensorFlow's choice); before any op runs."""
+    import tensorflow as tf
+
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)

@@ -19,7 +19,7 @@ import time
 from absl import flags, logging
 
 from app import cli
-from bench import common
+from bench import common, train_report
 
 SECTIONS = ("train", "train_cifar", "data", "inference", "memory")
 # The plain reference of the issue: keras.applications.ResNet50 in model.fit, float32.
@@ -54,7 +54,7 @@ def train_section(repeats: int):
             [
                 "### Training, 32x32, ImageNet stem (batch 128, SGD momentum, synthetic batches)",
                 "",
-                bench_train.report(results, peaks, BASELINE),
+                train_report.report(results, peaks, BASELINE),
                 "",
                 f"Fastest: `{best}`, {speedup:.2f}x plain keras.applications.ResNet50 "
                 f"`model.fit` float32 ({verdict} the {TARGET_SPEEDUP}x target). "
@@ -82,7 +82,7 @@ def train_cifar_section(repeats: int):
                 "32x32 batches resized to 128x128 inside the model, which gives its stages the "
                 "same 32/16/8/4 feature maps (its 7x7/2 stem and max-pool cost a little more).",
                 "",
-                bench_train.report(results, peaks, "keras-up128-f32"),
+                train_report.report(results, peaks, "keras-up128-f32"),
             ]
         )
 
@@ -140,7 +140,6 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # TensorFlow's SavedModel writer logs every file
-    from bench import bench_train
     from common.errors import UsageError
     from common.files import write_text_atomic
 
@@ -154,7 +153,7 @@ def main(argv: list[str]) -> None:
     print(header)
     peaks = {}
     if "train" in sections or "train_cifar" in sections:
-        peaks = bench_train.measure_peaks()
+        peaks = common.measure_peaks()
     builders = {
         "train": lambda: train_section(repeats),
         "train_cifar": lambda: train_cifar_section(repeats),
@@ -171,7 +170,7 @@ def main(argv: list[str]) -> None:
         parts.append((builders[name](), time.perf_counter() - section_start))
     if peaks:
         # Again at the end: MFU is measured against the best of both.
-        peaks = bench_train.best_peaks(peaks, bench_train.measure_peaks())
+        peaks = common.best_peaks(peaks, common.measure_peaks())
     texts = []
     for part, seconds in parts:
         text = part if isinstance(part, str) else part(peaks)
@@ -182,7 +181,7 @@ def main(argv: list[str]) -> None:
     if peaks:
         peak_line = (
             "Matmul peaks in this run (4096x4096x4096, best of 5 at the start and 5 at the "
-            f"end): {bench_train.describe_peaks(peaks)}."
+            f"end): {common.describe_peaks(peaks)}."
         )
     text = "\n\n".join(
         [

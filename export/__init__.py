@@ -1,15 +1,20 @@
 """SavedModel + serving signatures, TFLite/LiteRT conversion, parity checks.
 
+Takes a trained model bundle (`models.bundle.ModelBundle`) and image arrays; imports
+`models/`, `common/` and TensorFlow, never `app/` (reading data is the caller's job:
+`app.exporting` samples the real images that `export.exporter.export_all` calibrates and
+compares on).
+
 Modules (importing `export` itself loads nothing heavy; each module imports TensorFlow):
-- `export.graph`: the shared serving computation (resize, normalise, model, softmax).
+- `export.graph`: the shared serving computation (normalise, model, softmax) in float32.
 - `export.saved_model`: the TF Serving SavedModel (`serving_default`, `serving_bytes`),
   integer versions, `load_serving` to run it.
 - `export.tflite`: float32 / float16 / dynamic-range int8 / full-int8 `.tflite` conversion and
-  `TFLiteClassifier` to run one.
+  `TFLiteClassifier`, the one LiteRT runner.
 - `export.client`: TF Serving requests (gRPC `PredictRequest`, REST JSON) and warmup records.
-- `export.images`: real images (through `app.data`) for int8 calibration and agreement.
+- `export.images`: image arrays as the models take them (`Sample`, `to_model_input`).
 - `export.report`: size, latency and agreement of every format against Keras.
-- `export.exporter`: `export_all`, what `python -m app.export` runs.
+- `export.exporter`: `export_all`, every format plus the report, into one folder.
 """
 
 # `python -m app.export --formats=...` names, in the order they are written.
@@ -17,7 +22,9 @@ SAVED_MODEL = "saved_model"
 TFLITE_FORMATS = ("float32", "float16", "dynamic_int8", "int8")
 FORMATS = (SAVED_MODEL, *TFLITE_FORMATS)
 
-# The serving contract (DESIGN.md): signature, input and output names.
+# The serving contract, what clients of the SavedModel rely on: the signature names, their
+# input names (`images` uint8 [batch, h, w, 3]; `image_bytes` string [batch]) and the three
+# outputs every signature returns.
 SIGNATURE_IMAGES = "serving_default"
 SIGNATURE_BYTES = "serving_bytes"
 INPUT_IMAGES = "images"

@@ -1,9 +1,19 @@
 """`export_all`: every deployable format of a trained model, plus the report that checks them.
 
-What `python -m app.export` runs; takes plain arguments so tests and notebooks call it.
-Everything that can be wrong with the input (formats, data folder, calibration images) is
-checked before anything is written; each file is then written atomically, so a failure
-never leaves half a file or half a SavedModel version behind.
+Takes a model bundle and image arrays (`export.images.Sample`: int8 calibration images and
+held-out images to compare every format with Keras on); `app.exporting` reads them from a
+dataset for `python -m app.export`. Everything that can be wrong with the input (formats,
+calibration images) is checked before anything is written; each file is then written
+atomically, so a failure never leaves half a file or half a SavedModel version behind.
+
+Example:
+
+    from export import exporter, images
+    from models.bundle import load_model_bundle
+    bundle = load_model_bundle("runs/cpu_quick/best.keras")
+    calibration = images.Sample(uint8_train_images, None, "my training images")
+    config = exporter.ExportConfig("runs/cpu_quick/export", calibration=calibration)
+    report = exporter.export_all(bundle, config)
 """
 
 from __future__ import annotations
@@ -15,7 +25,6 @@ import os
 
 import numpy as np
 
-from app.data import DataConfig
 from common.errors import UsageError
 from common.files import atomic_path
 from export import FORMATS, SAVED_MODEL, TFLITE_FORMATS, images, report, saved_model, tflite
@@ -35,17 +44,16 @@ class ExportConfig:
     Attributes:
         export_dir: output folder; the SavedModel base path is `export_dir/saved_model`.
         formats: some of `export.FORMATS`.
-        data: the real images (any dataset `app.data.load` reads; see `export.images`),
-            or None: then no int8 model and no agreement figures.
-        num_calibration: training images that calibrate the full-int8 model.
-        num_evaluation: held-out images on which every format is compared with Keras.
+        calibration: training images (uint8 [n, S, S, 3], see `export.images`) that
+            calibrate the full-int8 model; None: no int8 model.
+        evaluation: held-out images on which every format is compared with Keras (labels,
+            when they are the model's classes, add accuracy); None: no agreement figures.
     """
 
     export_dir: str
     formats: tuple[str, ...] = FORMATS
-    data: DataConfig | None = None
-    num_calibration: int = 200
-    num_evaluation: int = 500
+    calibration: images.Sample | None = None
+    evaluation: images.Sample | None = None
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -69,23 +77,18 @@ def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
     unknown = [fmt for fmt in config.formats if fmt not in FORMATS]
     if unknown:
         raise UsageError(f"unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
-    if config.num_calibration < 1 or config.num_evaluation < 0:
-        raise UsageError("--num_calibration must be >= 1 and --num_evaluation >= 0")
     size = bundle.preprocessing.image_size
-    calibration = evaluation = None
-    if config.data is not None:
-        calibration, evaluation = images.calibration_and_evaluation(
-            config.data, bundle.class_names, size, config.num_calibration, config.num_evaluation
-        )
-        log.info("%d calibration images from %s", len(calibration.images), calibration.source)
-        if evaluation is not None:
-            log.info("%d evaluation images from %s", len(evaluation.images), evaluation.source)
-    if "int8" in config.formats and calibration is None:
+    calibration, evaluation = config.calibration, config.evaluation
+    if "int8" in config.formats and (calibration is None or not len(calibration.images)):
         raise UsageError(
             "model_int8.tflite needs calibration images: pass --representative_data=DIR "
             "(the training data: an image folder, cifar-10-batches-py or a TFDS data dir), "
             "or leave int8 out of --formats"
         )
+    for name, sample in (("calibration", calibration), ("evaluation", evaluation)):
+        if sample is not None:
+            _check_sample(sample, size, name)
+            log.info("%d %s images from %s", len(sample.images), name, sample.source)
 
     os.makedirs(config.export_dir, exist_ok=True)
     # The export folder stands on its own: the sidecars that give the outputs meaning.
@@ -118,6 +121,18 @@ def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
     json_path, md_path = report.write_report(config.export_dir, result)
     log.info("wrote %s and %s", json_path, md_path)
     return result
+
+
+def _check_sample(sample: images.Sample, size: int, name: str) -> None:
+    """The contract of `Sample`, checked before anything is written."""
+    pixels = np.asarray(sample.images)
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
+        raise UsageError(
+            f"{name} images must be uint8 [n, {size}, {size}, 3] (see export.images."
+            f"to_model_input), got {pixels.dtype} {list(pixels.shape)}"
+        )
+    if sample.labels is not None and len(sample.labels) != len(pixels):
+        raise UsageError(f"{len(sample.labels)} {name} labels for {len(pixels)} images")
 
 
 def _report(

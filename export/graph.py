@@ -1,4 +1,8 @@
-"""The serving computation every exported format shares: pixels in, probabilities out."""
+"""The serving computation every exported format shares: pixels in, probabilities out.
+
+Resizing to the model's input is `models.preprocessing.resize`, the one resize that training,
+prediction and the exported graphs share.
+"""
 
 from __future__ import annotations
 
@@ -26,16 +30,7 @@ def float32_model(model: keras.Model) -> keras.Model:
     return rebuilt
 
 
-def probabilities(model: keras.Model, preprocessing: Preprocessing, pixels: tf.Tensor):
+def probabilities(model: keras.Model, preprocessing: Preprocessing, pixels: tf.Tensor) -> tf.Tensor:
     """Softmax of the model's logits on float32 0..255 RGB pixels already `image_size` square."""
     logits = model(preprocessing(pixels), training=False)
     return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
-
-
-def resize(pixels: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Bilinear resize to the model's square input, as the training pipeline does.
-
-    `tf.image.resize` is exact when the size already matches, so images of the model's
-    size go through unchanged.
-    """
-    return tf.image.resize(pixels, (image_size, image_size), method="bilinear")

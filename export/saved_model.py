@@ -4,11 +4,14 @@ Layout under a model base path (what `tensorflow/serving` watches):
 
     <base>/1/  <base>/2/ ...   each a SavedModel; a new export adds max + 1
 
-Signatures (DESIGN.md, "Serving contract"):
+Signatures (the serving contract; names in `export`):
 - `serving_default`: `images` uint8 [batch, height, width, 3], any height and width.
 - `serving_bytes`: `image_bytes` string [batch] of encoded JPEG/PNG (also GIF, BMP, WebP).
-Both resize (bilinear) to the model's square input and normalise inside the graph, and return
-`probabilities` float32 [batch, classes], `classes` int64 [batch], `class_names` string [batch].
+Both resize to the model's square input (`models.preprocessing.resize`, bilinear, as training
+does) and normalise inside the graph, and return `probabilities` float32 [batch, classes],
+`classes` int64 [batch] (the argmax) and `class_names` string [batch] (its label), so a client
+needs neither the preprocessing nor labels.txt. Only uint8 RGB pixels or encoded images go in:
+the graph refuses any other dtype or rank with an error naming the expected shape.
 
 Example:
 
@@ -29,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common.errors import UsageError
+from common.errors import UsageError, first_line
 from export import (
     INPUT_BYTES,
     INPUT_IMAGES,
@@ -39,7 +42,7 @@ from export import (
     client,
     graph,
 )
-from models.preprocessing import Preprocessing
+from models.preprocessing import Preprocessing, resize
 
 # TF Serving replays these requests when it loads a version, so the first real request
 # does not pay for graph initialisation.
@@ -55,7 +58,7 @@ def serving_archive(
     names = tf.constant(class_names, dtype=tf.string)
 
     def outputs(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        probs = graph.probabilities(model, preprocessing, graph.resize(pixels, size))
+        probs = graph.probabilities(model, preprocessing, resize(pixels, size))
         classes = tf.argmax(probs, axis=-1, output_type=tf.int64)
         return {
             "probabilities": probs,
@@ -72,7 +75,7 @@ def serving_archive(
     def decode(encoded: tf.Tensor) -> tf.Tensor:
         # Images in one request may differ in size: resize each before they form a batch.
         image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
-        image = graph.resize(tf.cast(image, tf.float32)[tf.newaxis], size)[0]
+        image = resize(image[tf.newaxis], size)[0]
         return tf.ensure_shape(image, [size, size, 3])
 
     def serve_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -164,14 +167,6 @@ def resolve_version(path: str) -> str:
     return os.path.join(path, str(found[-1]))
 
 
-def op_error(error: tf.errors.OpError) -> str:
-    """The one line of a TensorFlow runtime error that says what was wrong."""
-    noise = ("Graph execution error", "Detected at node", "<stack traces", "[[")
-    lines = [line.strip() for line in error.message.splitlines()]
-    useful = [line for line in lines if line and not line.startswith(noise)]
-    return useful[0] if useful else lines[0]
-
-
 @dataclasses.dataclass
 class ServingModel:
     """A loaded serving SavedModel, called as TF Serving would call it."""
@@ -194,7 +189,7 @@ class ServingModel:
         try:
             outputs = self.signatures[SIGNATURE_IMAGES](**{INPUT_IMAGES: tf.constant(images)})
         except tf.errors.InvalidArgumentError as e:
-            raise UsageError(f"{self.path}: {op_error(e)}") from e
+            raise UsageError(f"{self.path}: {first_line(e)}") from e
         return {name: outputs[name].numpy() for name in OUTPUTS}
 
     def predict_bytes(self, encoded: list[bytes]) -> dict[str, np.ndarray]:
@@ -205,7 +200,7 @@ class ServingModel:
             )
         except tf.errors.InvalidArgumentError as e:
             raise UsageError(
-                f"{self.path}: an input is not a decodable JPEG/PNG image ({op_error(e)})"
+                f"{self.path}: an input is not a decodable JPEG/PNG image ({first_line(e)})"
             ) from e
         return {name: outputs[name].numpy() for name in OUTPUTS}
 

@@ -33,7 +33,7 @@ import tensorflow as tf
 from tensorflow.lite.python import convert as lite_convert
 from tensorflow.lite.tools import flatbuffer_utils
 
-from common.errors import UsageError
+from common.errors import UsageError, first_line
 from export import INPUT_IMAGES, SIGNATURE_IMAGES, TFLITE_FORMATS, graph
 from models.preprocessing import Preprocessing
 
@@ -176,7 +176,7 @@ def convert(
     Args:
         model: the Keras classifier (logits head).
         preprocessing: its input normalisation and size.
-        formats: some of "float32", "float16", "dynamic_int8", "int8".
+        formats: some of `export.TFLITE_FORMATS`.
         calibration_images: for "int8": uint8 [n, S, S, 3] real training images, resized
             exactly as an app would resize its input (a few hundred are enough).
         exact_int8_ranges: False quantizes "int8" with the converter's calibration as it is,
@@ -203,10 +203,9 @@ def convert(
                 else:
                     blobs[fmt] = _converter(saved_model_dir, fmt, calibration).convert()
             except Exception as e:  # ConverterError and friends: one line, which format
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UsageError(
-                    f"converting to {filename(fmt)} failed ({first}); the model may use an op "
-                    "LiteRT builtins lack: leave this format out of --formats"
+                    f"converting to {filename(fmt)} failed ({first_line(e)}); the model may use "
+                    "an op LiteRT builtins lack: leave this format out of --formats"
                 ) from e
     if "int8" in blobs:
         scale, zero_point = input_quantization(blobs["int8"])
@@ -250,6 +249,10 @@ def op_names(model: str | bytes) -> set[str]:
 class TFLiteClassifier:
     """Runs an exported `.tflite` classifier with the LiteRT interpreter (XNNPACK on CPU).
 
+    The project's one LiteRT runner (the report, benchmarks and `app.prediction` use it).
+    It takes uint8 or float32 pixels: a float model gets float pixels exactly as given
+    (an app's resize need not be rounded), the int8 model gets them rounded to uint8.
+
     Attributes:
         path: the model file.
         image_size: S of the model's [1, S, S, 3] input.
@@ -264,11 +267,14 @@ class TFLiteClassifier:
             self._interpreter = _interpreter(path, num_threads)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
-            raise UsageError(f"{path} is not a TFLite model ({e})") from e
+            raise UsageError(f"{path} is not a TFLite model ({first_line(e)})") from e
         self.path = path
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
-        self.image_size = int(self._input["shape"][1])
+        shape = self._input["shape"]
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+            raise UsageError(f"{path} takes input {list(shape)}, not [1, size, size, 3]")
+        self.image_size = int(shape[1])
         self.input_dtype = self._input["dtype"]
         self.num_classes = int(self._output["shape"][-1])
 

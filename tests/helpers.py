@@ -16,8 +16,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
-from app import training_callbacks, training_state
+from app.training.backup import backup_path, read_state
+from app.training.callbacks import read_history_csv
 from models.bundle import write_labels
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -85,10 +87,10 @@ def start_train(model_dir, *flags: str, log=None) -> subprocess.Popen:
 
 def wait_for_backup(model_dir, after: tuple[int, int], proc, timeout: float = 240) -> tuple:
     """Polls the backup until its (epoch, step) passes `after`; returns it."""
-    path = training_state.backup_path(str(model_dir))
+    path = backup_path(str(model_dir))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = training_state.read_state(path)
+        state = read_state(path)
         if state is not None and (state.epoch, state.step) > after:
             return state.epoch, state.step
         if proc.poll() is not None:
@@ -98,7 +100,7 @@ def wait_for_backup(model_dir, after: tuple[int, int], proc, timeout: float = 24
 
 
 def history_rows(model_dir) -> list[dict[str, float]]:
-    return training_callbacks.read_history_csv(os.path.join(model_dir, "history.csv"))
+    return read_history_csv(os.path.join(model_dir, "history.csv"))
 
 
 def final_digest(stdout: str) -> str:
@@ -172,3 +174,20 @@ def encode(image: np.ndarray, fmt: str) -> bytes:
     if fmt == "png":
         return tf.io.encode_png(image).numpy()
     return tf.io.encode_jpeg(image, quality=95).numpy()
+
+
+# --- data: image folders -----------------------------------------------------------------
+
+
+def write_png(path: pathlib.Path, array: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path)
+
+
+def write_folder(root, classes=("cat", "dog"), per_class: int = 5, size: int = 8, ext="png"):
+    """An image-folder tree `root/<class>/<i>.<ext>` of seeded random images."""
+    rng = np.random.default_rng(1)
+    for c in classes:
+        for i in range(per_class):
+            image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            write_png(root / c / f"{i}.{ext}", image)

@@ -20,7 +20,9 @@ import keras
 import numpy as np
 import pytest
 
-from app import training, training_state
+from app.training import TrainConfig
+from app.training.backup import backup_path, load_backup, read_state
+from app.training.recipe import build_model
 from tests.helpers import (
     REPO,
     final_digest,
@@ -50,7 +52,7 @@ RECIPE = (
     "--synchronized_bn",
     "--verbose=0",
 )
-SEED_CONFIG = training.TrainConfig(
+SEED_CONFIG = TrainConfig(
     model_dir="", model="resnet18", stem="cifar", image_size=16, synchronized_bn=True
 )
 
@@ -71,7 +73,7 @@ def reference(tmp_path_factory, data_flag):
 
 def final_weights(model_dir) -> list[np.ndarray]:
     """The weights at the end of training (from the kept final backup)."""
-    backup = training_state.load_backup(training_state.backup_path(str(model_dir)))
+    backup = load_backup(backup_path(str(model_dir)))
     assert backup is not None and backup.state.epoch == 3
     return backup.arrays["model"]
 
@@ -79,7 +81,7 @@ def final_weights(model_dir) -> list[np.ndarray]:
 def initial_weights() -> list[np.ndarray]:
     """What app.train starts from with --seed=0 (the same seeded build)."""
     keras.utils.set_random_seed(0)
-    return [v.numpy() for v in training.build_model(SEED_CONFIG, 10).variables]
+    return [v.numpy() for v in build_model(SEED_CONFIG, 10).variables]
 
 
 def assert_same_training(model_dir, reference_dir) -> None:
@@ -247,7 +249,7 @@ def test_killed_three_times_then_finished_equals_never_killed(tmp_path, data_fla
         try:
             reached = wait_for_backup(model_dir, (target[0], target[1] - 1), proc)
             time.sleep(rng.uniform(0.0, 0.4))
-            last = training_state.read_state(training_state.backup_path(str(model_dir)))
+            last = read_state(backup_path(str(model_dir)))
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from app import training
+from app.training import recipe
 from export import tflite
 from models import preprocessing as preprocessing_lib
 from models import qat, resnet
@@ -38,7 +38,7 @@ def test_twin_rounds_exactly_the_tensors_int8_litert_stores():
     model = randomise(resnet.build("resnet18", num_classes=10, input_shape=(16, 16, 3)))
     pre = preprocessing_lib.by_name("cifar", 16)
     calibration = random_images(32, 16, 16, seed=1)
-    training.freeze_batch_norm(model)
+    recipe.freeze_batch_norm(model)
     twin = qat.quantized_twin(model)
     rounding = _rounding_layers(twin)
     for layer in rounding:
@@ -134,7 +134,7 @@ def test_agreement_loss_is_cross_entropy_plus_kl_to_the_float_probabilities():
     same = loss.call(labels, tf.stack([float_logits, float_logits], 1))
     np.testing.assert_allclose(same, cross_entropy, rtol=1e-5)  # no KL between equals
     smoothed = qat.AgreementLoss(label_smoothing=0.1).call(labels, tf.stack([float_logits] * 2, 1))
-    training_loss = training.SparseCategoricalCrossentropyWithSmoothing(0.1).call(
+    training_loss = recipe.SparseCategoricalCrossentropyWithSmoothing(0.1).call(
         labels, float_logits
     )
     np.testing.assert_allclose(smoothed, training_loss, rtol=1e-5)  # the training loss's CE

@@ -1,9 +1,10 @@
 """Where a training run stands, and its backup: exact resumption after a kill.
 
 Keras 3.15's `BackupAndRestore` restores only the epoch number and restarts that epoch
-from its first batch with mid-epoch weights (see PITFALLS.md). Resuming exactly needs
-more, so a backup here is ONE file, `backup/state.npz`, written atomically (temporary
-file, fsync, `os.replace`), that holds:
+from its first batch with mid-epoch weights (it records the batch but never reads it back),
+so the batches done before the kill are trained twice and the run no longer matches an
+uninterrupted one. Resuming exactly needs more, so a backup here is ONE file,
+`backup/state.npz`, written atomically (temporary file, fsync, `os.replace`), that holds:
 
 - every model variable (weights, batch-norm statistics, dropout seed-generator state),
 - every optimizer variable (momentum, iteration count, loss scale),
@@ -49,7 +50,7 @@ class RunState:
         best: best validation accuracy so far (None before the first epoch ends).
         best_epoch: its epoch, 1-based.
         train_seconds: wall time spent in training so far, over all restarts.
-        settings: the run's settings (see `training.settings_fingerprint`).
+        settings: the run's settings (see `config.settings_fingerprint`).
         optimizer_phase: "frozen" or "full": which phase's optimizer the backup holds
             (the frozen-backbone phase has its own, over the head only).
         final_weights_sha256: digest of the final weights (set when training ends).
@@ -84,6 +85,7 @@ class Backup:
 
 
 def backup_path(directory: str) -> str:
+    """The backup file of the run in `directory`."""
     return os.path.join(directory, BACKUP_DIR, BACKUP_FILE)
 
 

@@ -1,4 +1,4 @@
-"""The callbacks of `app.training`: best checkpoint, run records, mid-epoch backups.
+"""The callbacks of a training run: best checkpoint, run records, mid-epoch backups.
 
 All of them share one `RunState` (where training stands, the history so far, the best
 accuracy) so that a run cut into several `model.fit` calls by resumption and by the
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import time
@@ -22,8 +21,8 @@ import keras
 import numpy as np
 
 from app import plots
-from app.training_state import RunState, save_backup
-from common.files import atomic_path, write_text_atomic
+from app.training.backup import RunState, save_backup
+from common.files import atomic_path, write_json, write_text_atomic
 
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
@@ -136,15 +135,15 @@ class RunRecords(keras.callbacks.Callback):
         write_text_atomic(
             os.path.join(self.directory, HISTORY_FILE), history_csv(self.state.history)
         )
-        write_json(os.path.join(self.directory, METRICS_FILE), self.summary(self.state, completed))
+        write_json(
+            os.path.join(self.directory, METRICS_FILE),
+            self.summary(self.state, completed),
+            sort_keys=True,
+        )
         if self.state.history:
             plots.save_curves(
                 history_columns(self.state.history), os.path.join(self.directory, CURVES_FILE)
             )
-
-
-def write_json(path: str, document: Mapping[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
 def current_learning_rate(optimizer) -> float:

@@ -1,0 +1,89 @@
+"""The input pipeline: load a dataset from TFDS, CIFAR python batches or an image folder,
+then feed it to training and evaluation through `tf.data`.
+
+Two layers:
+
+* `load(DataConfig) -> Splits` finds and reads the data once. Images that share one size
+  and fit comfortably in memory are decoded ONCE, in parallel, into a uint8 array (CIFAR-10:
+  150 MB); others stay as file paths or encoded bytes and are decoded in the pipeline.
+* `train_dataset` / `eval_dataset` turn `Examples` into batches. The order and the
+  augmentation of training epoch `e` are pure functions of `(seed, e)` (stateless random
+  ops), so a resumed run and a multi-worker run see exactly the batches of an
+  uninterrupted single-process run.
+
+Modules: `types` (DataConfig, DataError, Examples, Splits), `loading` (`load`: which
+source), the sources `cifar_batches`, `image_folder` and `tfds_source`, `splits` (hold-out
+and limits), `decode` (decode once into memory), `augment`, `pipeline` (`train_dataset`,
+`eval_dataset`) and `samples` (`sample_images`).
+
+Example (from the repository root):
+
+    from app import data
+    from models import preprocessing
+    splits = data.load(data.DataConfig(data_dir="~/data/cifar10", train_limit=1000))
+    ds = data.train_dataset(splits.train, preprocessing.cifar(32), 128, seed=0)
+    images, labels = next(iter(ds))  # float32 [128, 32, 32, 3], int32 [128]
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from app.data.types import (
+    SOURCE_CIFAR_BATCHES,
+    SOURCE_IMAGE_FOLDER,
+    SOURCE_TFDS,
+    SPLITS,
+    DataConfig,
+    DataError,
+    Examples,
+    Splits,
+)
+
+if TYPE_CHECKING:
+    from app.data.image_folder import IMAGE_EXTENSIONS
+    from app.data.loading import load
+    from app.data.pipeline import eval_dataset, steps_per_epoch, train_dataset
+    from app.data.samples import sample_images
+
+# Imported on first use: these modules import TensorFlow, which users of DataConfig and
+# DataError alone (flag definitions, error reporting) should not pay for.
+_LAZY = {
+    "IMAGE_EXTENSIONS": "image_folder",
+    "load": "loading",
+    "eval_dataset": "pipeline",
+    "steps_per_epoch": "pipeline",
+    "train_dataset": "pipeline",
+    "sample_images": "samples",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+__all__ = (
+    "IMAGE_EXTENSIONS",
+    "SOURCE_CIFAR_BATCHES",
+    "SOURCE_IMAGE_FOLDER",
+    "SOURCE_TFDS",
+    "SPLITS",
+    "DataConfig",
+    "DataError",
+    "Examples",
+    "Splits",
+    "eval_dataset",
+    "load",
+    "sample_images",
+    "steps_per_epoch",
+    "train_dataset",
+)

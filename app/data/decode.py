@@ -1,0 +1,132 @@
+"""Decoding: JPEG/PNG to uint8 RGB, and decode-once into memory when the images share a
+size and fit (CIFAR-10: 150 MB), naming any file that does not decode.
+
+TensorFlow at module level: only `load` and the pipelines use it; `app.data` loads them lazily.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
+
+from app.data.types import DataError, Examples
+from common.errors import first_line
+
+# Decoded images are kept in memory when they take at most this share of available RAM
+# and at most MAX_IN_MEMORY_BYTES: CIFAR-10 (150 MB) always does, ImageNet never does. The
+# array is captured by the tf.data graph, which tf.distribute may serialize: protobuf's
+# 2 GB limit caps it.
+MEMORY_FRACTION = 0.25
+MAX_IN_MEMORY_BYTES = 1900 << 20
+# Parallel file reads: on a cold cache, reading 50,000 small files is latency-bound.
+IO_THREADS = 16
+
+
+def memory_budget() -> int:
+    """Bytes of decoded images this pipeline keeps in memory."""
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:  # pragma: no cover - psutil is pinned
+        available = 4 << 30
+    return int(min(MAX_IN_MEMORY_BYTES, MEMORY_FRACTION * available))
+
+
+def _header_shape(path: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(
+            f"{path} is not a readable JPEG/PNG image ({type(e).__name__}); replace or delete it"
+        ) from e
+    return h, w
+
+
+def _header_shapes(files: np.ndarray) -> list[tuple[int, int]]:
+    """(h, w) of every image file from its header (no decoding); names a bad file.
+
+    Threads, because on a cold file cache this is bound by file-system latency.
+    """
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        return list(pool.map(_header_shape, files, chunksize=256))
+
+
+def decode_if_fits(examples: Examples, fixed_shape: bool) -> Examples:
+    """Decodes files/encoded bytes once into a uint8 array when all images share a size
+    and fit in memory; otherwise returns `examples` unchanged (decoded in the pipeline)."""
+    if examples.images is not None:
+        return examples
+    if examples.files is not None:
+        shapes = _header_shapes(examples.files)
+        uniform = len(set(shapes)) == 1
+        h, w = shapes[0]
+    else:
+        if not fixed_shape:
+            return examples
+        first = _decode_array(examples.encoded[:1])
+        uniform, (h, w) = True, first.shape[1:3]
+    if not uniform or examples.num_examples * h * w * 3 > memory_budget():
+        return examples
+    images = _decode_array(
+        examples.files if examples.files is not None else examples.encoded,
+        is_file=examples.files is not None,
+        shape=(h, w),
+    )
+    return Examples(examples.labels, images=images, origin=examples.origin)
+
+
+def decode_image(data: tf.Tensor, channels: int = 3) -> tf.Tensor:
+    """Encoded JPEG/PNG (bytes tensor) -> uint8 [h, w, 3]; grayscale and RGBA become RGB."""
+    return tf.io.decode_image(data, channels=channels, expand_animations=False)
+
+
+def _decode_array(
+    sources: np.ndarray, is_file: bool = False, shape: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Decodes all `sources` (paths or bytes) in parallel with tf.data into uint8 [n, h, w, 3].
+
+    A file that fails to decode (or has another size) is named in the DataError.
+    """
+    n, chunk = len(sources), 1024
+    ds = tf.data.Dataset.from_tensor_slices(list(sources))
+    if is_file:
+        ds = ds.map(tf.io.read_file, num_parallel_calls=IO_THREADS, deterministic=True)
+    ds = ds.map(decode_image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(chunk).prefetch(2)
+    out, done = None, 0
+    try:
+        for images in ds.as_numpy_iterator():
+            if out is None:
+                out = np.empty((n, *images.shape[1:]), np.uint8)
+            out[done : done + len(images)] = images
+            done += len(images)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+        # In order (deterministic): the bad one is in the chunk that failed. Find it.
+        for i in range(done, min(done + chunk, n)):
+            _check_decodes(sources[i] if is_file else None, sources[i], out, i)
+        raise DataError(f"images of {sources[0]}... could not be decoded: {first_line(e)}") from e
+    if shape is not None and out.shape[1:3] != tuple(shape):
+        raise DataError(f"decoded images are {out.shape[1:3]}, expected {shape}")
+    return out
+
+
+def _check_decodes(path: str | None, source, out: np.ndarray | None, i: int) -> None:
+    """Raises a DataError naming image `i` if it does not decode to the batch's size."""
+    what = path if path is not None else f"encoded image #{i}"
+    try:
+        data = tf.io.read_file(path) if path is not None else source
+        image = decode_image(data).numpy()
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+        raise DataError(
+            f"{what} could not be decoded as a JPEG/PNG image; replace or delete it"
+        ) from e
+    if out is not None and image.shape != out.shape[1:]:
+        raise DataError(
+            f"{what} is {image.shape[0]}x{image.shape[1]}, unlike the others "
+            f"({out.shape[1]}x{out.shape[2]})"
+        )

@@ -1,0 +1,121 @@
+"""Reads a TensorFlow Datasets dataset, by name (downloaded on first use) or from a local
+TFDS data directory, keeping the images encoded; `tensorflow_datasets` is imported only here."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from app.data.decode import memory_budget
+from app.data.image_folder import subdirs
+from app.data.types import SOURCE_TFDS, SPLITS, DataError, Examples, RawSplits
+from common.errors import first_line
+
+
+def tfds_names(root: str) -> list[str]:
+    """Datasets prepared in a TFDS data dir: `<name>/<version>/dataset_info.json` or
+    `<name>/<config>/<version>/dataset_info.json` (looks no deeper, so big image trees
+    are not walked)."""
+
+    def has_version(path: str) -> bool:
+        return any(
+            re.fullmatch(r"\d+\.\d+\.\d+", v)
+            and os.path.isfile(os.path.join(path, v, "dataset_info.json"))
+            for v in subdirs(path)
+        )
+
+    names = []
+    for name in subdirs(root):
+        path = os.path.join(root, name)
+        if has_version(path):
+            names.append(name)
+            continue
+        names += [f"{name}/{c}" for c in subdirs(path) if has_version(os.path.join(path, c))]
+    return names
+
+
+def load_tfds(name: str, data_dir: str | None) -> RawSplits:
+    """Splits train/validation/test of TFDS dataset `name` as encoded images in memory.
+
+    `data_dir` None: the default TFDS directory, downloading and preparing on first use;
+    otherwise a local TFDS data dir, never downloaded into.
+
+    Raises:
+        DataError: unknown or unprepared dataset, failed download, too big for memory,
+            or not an image-classification dataset.
+    """
+    import tensorflow_datasets as tfds
+
+    where = f"TFDS data dir {data_dir}" if data_dir else "TFDS"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError and friends, whatever their base class
+        found = tfds_names(data_dir) if data_dir else []
+        extra = f" (it holds: {', '.join(found)})" if found else ""
+        raise DataError(f"--dataset={name} not found in {where}{extra}: {first_line(e)}") from e
+    if data_dir is None and not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except ModuleNotFoundError as e:  # tensorflow/datasets#11212 on Python >= 3.9
+            raise DataError(
+                f"TFDS cannot prepare {name}: {e}; install it (pip install {e.name}) or pass "
+                "--data_dir with a local copy"
+            ) from e
+        except Exception as e:
+            raise DataError(
+                f"could not download TFDS dataset {name} ({type(e).__name__}: "
+                f"{first_line(e) if str(e) else ''}); check the network or pass "
+                "--data_dir with a local copy"
+            ) from e
+    elif not builder.is_prepared():
+        found = tfds_names(data_dir)
+        raise DataError(
+            f"--dataset={name} not found in {where} (it holds: {', '.join(found) or 'nothing'}); "
+            f"pass one of those as --dataset, or prepare it there with "
+            f"`tfds build {name} --data_dir={data_dir}`"
+        )
+    info = builder.info
+    if info.dataset_size and int(info.dataset_size) > memory_budget():
+        raise DataError(
+            f"TFDS {name} is {int(info.dataset_size) >> 20} MiB, more than this pipeline keeps "
+            "in memory; export it as an image folder (train/<class>/*.jpg) and pass that as "
+            "--data_dir"
+        )
+    features = info.features
+    image_key, label_key = info.supervised_keys or ("image", "label")
+    if image_key not in features or label_key not in features:
+        raise DataError(f"TFDS {name} is not an image-classification dataset (no image/label)")
+    label_feature = features[label_key]
+    class_names = list(getattr(label_feature, "names", None) or [])
+    if not class_names:
+        raise DataError(f"TFDS {name}: label feature {label_key} has no class names")
+    splits = {}
+    for split in SPLITS:
+        if split not in info.splits:
+            continue
+        ds = builder.as_dataset(
+            split=split, decoders={image_key: tfds.decode.SkipDecoding()}, shuffle_files=False
+        )
+        ds = ds.map(lambda x: (x[image_key], x[label_key])).batch(4096)
+        encoded, labels = [], []
+        for e, lab in ds.as_numpy_iterator():
+            encoded.append(e)
+            labels.append(lab)
+        examples = Examples(
+            np.concatenate(labels).astype(np.int64),
+            encoded=np.concatenate(encoded).astype(object),
+            origin=f"{where}: {name}[{split}]",
+        )
+        splits[split] = examples
+    if "train" not in splits:
+        raise DataError(f"TFDS {name} has no 'train' split (it has {', '.join(info.splits)})")
+    return RawSplits(
+        splits["train"],
+        splits.get("validation"),
+        splits.get("test"),
+        class_names,
+        SOURCE_TFDS,
+        fixed_shape=None not in features[image_key].shape,
+    )

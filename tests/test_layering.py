@@ -1,0 +1,137 @@
+"""The layout's rules: imports run one way, programs are thin, modules stay small.
+
+common <- models <- export <- app libraries <- app programs (and bench on top of all).
+Read from the source (every import statement, function-level ones included), and checked
+once in a fresh process for what importing the lower layers really loads.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+PACKAGES = ("common", "models", "export", "app", "bench", "tests")
+# The command-line layer: the only modules that may use absl.flags / absl.app.
+PROGRAMS = {
+    "app.cli",
+    "app.data_flags",
+    "app.train",
+    "app.evaluate",
+    "app.predict",
+    "app.export",
+    "app.visualize",
+}
+# What each layer may import from this repository.
+ALLOWED = {
+    "common": {"common"},
+    "models": {"common", "models"},
+    "export": {"common", "models", "export"},
+    "app": {"common", "models", "export", "app"},
+}
+MAX_LINES = 400
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[name] = path
+    return found
+
+
+def _imports(path: pathlib.Path, anywhere: bool = True) -> set[str]:
+    """Absolute module names `path` imports (at module level only, unless `anywhere`)."""
+    tree = ast.parse(path.read_text(), str(path))
+    nodes = ast.walk(tree) if anywhere else _module_level(tree.body)
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _module_level(body: list[ast.stmt]):
+    """Statements that run on import: the body, and inside if/try/with, not in functions."""
+    for node in body:
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            inner = getattr(node, field, None)
+            if isinstance(inner, list) and not isinstance(
+                node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
+            ):
+                yield from _module_level(inner)
+
+
+def _layer(module: str) -> str:
+    if module.startswith("app.") and module in PROGRAMS:
+        return "program"
+    return module.split(".")[0]
+
+
+MODULES = _modules()
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) in ALLOWED))
+def test_imports_run_one_way(module):
+    """A library imports only its own layer and those below; never a program or absl.flags."""
+    allowed = ALLOWED[_layer(module)]
+    ours = {name for name in _imports(MODULES[module]) if name.split(".")[0] in PACKAGES}
+    upward = sorted(
+        name for name in ours if name.split(".")[0] not in allowed or _layer(name) == "program"
+    )
+    assert not upward, f"{module} imports {upward}: against the layering"
+    flags = {"absl.flags", "absl.app"} & _imports(MODULES[module])
+    assert not flags, f"{module} is a library but uses {flags}: flags belong to app programs"
+
+
+def test_models_and_common_import_no_tensorflow_at_module_level():
+    for module, path in MODULES.items():
+        if _layer(module) in ("models", "common"):
+            top = {name.split(".")[0] for name in _imports(path, anywhere=False)}
+            assert "tensorflow" not in top, f"{module} imports tensorflow at module level"
+        if _layer(module) == "common":
+            top = {name.split(".")[0] for name in _imports(path)}
+            assert not top & {"keras", "tensorflow", "models", "export", "app"}, module
+
+
+def test_importing_export_and_models_loads_no_app_module():
+    lower = sorted(m for m in MODULES if _layer(m) in ("common", "models", "export"))
+    script = (
+        "import importlib, json, sys\n"
+        f"for name in {lower!r}: importlib.import_module(name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'app' or m.startswith('app.'))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_no_module_is_over_the_size_limit():
+    sizes = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
+    too_long = {m: n for m, n in sizes.items() if n > MAX_LINES}
+    assert not too_long, f"split these by job (lines): {too_long}"
+
+
+def test_nothing_points_outside_the_repository():
+    """Code and docs stand alone: no paths into the workspace around the repository."""
+    shipped = [p for m, p in MODULES.items() if _layer(m) not in ("tests",)]
+    shipped += [REPO / "README.md", REPO / "BUILD.md", REPO / "Makefile"]
+    shipped += sorted((REPO / "app" / "configs").glob("*.flags"))
+    for path in shipped:
+        text = path.read_text()
+        for needle in ("../shared", "DESIGN.md", "PITFALLS.md"):
+            assert needle not in text, f"{path.relative_to(REPO)} mentions {needle}"
