@@ -25,21 +25,16 @@ from export import FORMATS, TFLITE_FORMATS, exporter, images, report, tflite
 from models import preprocessing as preprocessing_lib
 from models import resnet
 from models.bundle import load_model_bundle, write_labels
-from tests.helpers import random_images, run_program, save_bundle, tiny_model, write_folder
+from tests.helpers import (
+    CIFAR10_CLASSES,
+    random_images,
+    run_program,
+    save_bundle,
+    tiny_model,
+    write_folder,
+)
 
 CLASSES = [f"class_{i}" for i in range(10)]
-CIFAR10_CLASSES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

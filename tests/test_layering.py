@@ -1,4 +1,4 @@
-"""The layout's rules: imports run one way, programs are thin, modules stay small.
+"""The layout's rules: imports run one way, flags only in programs, modules stay small.
 
 common <- models <- export <- app libraries <- app programs (and bench on top of all).
 Read from the source (every import statement, function-level ones included), and checked

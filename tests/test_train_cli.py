@@ -20,7 +20,15 @@ import numpy as np
 import pytest
 
 from app.training import TrainConfig
-from tests.helpers import REPO, final_digest, history_rows, run_train, start_train, wait_for_backup
+from tests.helpers import (
+    CIFAR10_CLASSES,
+    REPO,
+    final_digest,
+    history_rows,
+    run_train,
+    start_train,
+    wait_for_backup,
+)
 
 # --- the command line -------------------------------------------------------------------
 
@@ -216,18 +224,7 @@ def test_training_writes_every_file_learns_and_flags_txt_reproduces_it(tmp_path,
     # It learns: well above chance (0.1 on 10 classes; 200 images give sd 0.02).
     assert metrics["best_val_accuracy"] >= 0.15
     assert history[1]["loss"] < history[0]["loss"]
-    assert (model_dir / "labels.txt").read_text().split() == [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ]
+    assert (model_dir / "labels.txt").read_text().split() == CIFAR10_CLASSES
     for png in ("samples.png", "curves.png"):
         assert (model_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
