@@ -87,7 +87,9 @@ def work_around_keras_multi_worker(
        MultiWorkerMirroredStrategy that raises "Attempt to convert a value (PerReplica...)".
        The model is built already: `_maybe_symbolic_build` is replaced by a build of the
        compiled metrics/loss from the element spec.
-       Upstream: no upstream issue found (searched 2026-11-30).
+       Upstream: no issue for this exact error found (searched 2026-11-30); the open
+       https://github.com/keras-team/keras/issues/20585 reports that Keras 3 `fit` under
+       MultiWorkerMirroredStrategy fails (TensorFlow's own multi-worker tutorial).
     2. Under MultiWorkerMirroredStrategy, step outputs (scalar metric values) are reduced
        with `strategy.reduce("MEAN", v, axis=0)`, which fails on scalars ("Invalid
        reduction dimension 0 for input with 0 dimensions"). Returning them as [1]-vectors
