@@ -35,7 +35,7 @@ def no_arguments(argv: list[str]) -> None:
     from common.errors import UsageError
 
     if len(argv) > 1:
-        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}; every setting is a --flag")
 
 
 def show_progress_of(*loggers: str) -> None:

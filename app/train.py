@@ -95,10 +95,8 @@ def config_from_flags() -> TrainConfig:
 
 def main(argv: list[str]) -> None:
     from app import data_flags, training
-    from common.errors import UsageError
 
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+    cli.no_arguments(argv)
     config = config_from_flags()
     data_config = data_flags.data_config_from_flags(config.seed)
     try:
