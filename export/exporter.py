@@ -27,7 +27,16 @@ import numpy as np
 
 from common.errors import UsageError
 from common.files import atomic_path
-from export import FORMATS, SAVED_MODEL, TFLITE_FORMATS, images, report, saved_model, tflite
+from export import (
+    FORMATS,
+    SAVED_MODEL,
+    TFLITE_FORMATS,
+    images,
+    metadata,
+    report,
+    saved_model,
+    tflite,
+)
 from models.bundle import ModelBundle, write_labels
 
 log = logging.getLogger(__name__)
@@ -48,12 +57,16 @@ class ExportConfig:
             calibrate the full-int8 model; None: no int8 model.
         evaluation: held-out images on which every format is compared with Keras (labels,
             when they are the model's classes, add accuracy); None: no agreement figures.
+        author: the author field of the `.tflite` metadata (empty: not said).
+        version: the version field of the `.tflite` metadata; empty: the export's UTC time.
     """
 
     export_dir: str
     formats: tuple[str, ...] = FORMATS
     calibration: images.Sample | None = None
     evaluation: images.Sample | None = None
+    author: str = ""
+    version: str = ""
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -95,6 +108,7 @@ def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
     write_labels(config.export_dir, bundle.class_names)
     bundle.preprocessing.save(config.export_dir)
 
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     written: dict[str, str] = {}
     if SAVED_MODEL in config.formats:
         base = os.path.join(config.export_dir, SAVED_MODEL_DIR)
@@ -110,14 +124,19 @@ def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
             lite_formats,
             calibration.images if calibration is not None else None,
         )
+        info = metadata.ModelInfo(
+            name=bundle.model.name, version=config.version or created, author=config.author
+        )
         for fmt, blob in blobs.items():
+            # Labels and input normalisation inside the file, for MediaPipe and Android.
+            blob = metadata.add_metadata(blob, bundle.class_names, info)
             path = os.path.join(config.export_dir, tflite.filename(fmt))
             with atomic_path(path, suffix=".tflite") as tmp, open(tmp, "wb") as f:
                 f.write(blob)
             written[fmt] = path
             log.info("wrote %s (%d bytes)", path, len(blob))
 
-    result = _report(bundle, config, written, calibration, evaluation)
+    result = _report(bundle, config, written, calibration, evaluation, created)
     json_path, md_path = report.write_report(config.export_dir, result)
     log.info("wrote %s and %s", json_path, md_path)
     return result
@@ -141,11 +160,12 @@ def _report(
     written: dict[str, str],
     calibration: images.Sample | None,
     evaluation: images.Sample | None,
+    created: str,
 ) -> dict:
     size = bundle.preprocessing.image_size
     result = {
         "model": os.path.abspath(bundle.path),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "created": created,
         "image_size": size,
         "num_classes": len(bundle.class_names),
         "environment": report.environment(),
