@@ -36,11 +36,14 @@ _FORMATS: flags.FlagHolder[str]
 _REPRESENTATIVE_DATA: flags.FlagHolder[str]
 _NUM_CALIBRATION: flags.FlagHolder[int]
 _NUM_EVALUATION: flags.FlagHolder[int]
+_AUTHOR: flags.FlagHolder[str]
+_MODEL_VERSION: flags.FlagHolder[str]
 
 
 def define_flags() -> None:
     """Defines this program's flags."""
     global _MODEL, _EXPORT_DIR, _FORMATS, _REPRESENTATIVE_DATA, _NUM_CALIBRATION, _NUM_EVALUATION
+    global _AUTHOR, _MODEL_VERSION
     _MODEL = flags.DEFINE_string(
         "model", None, "The .keras model (labels.txt and preprocessing.json beside it)."
     )
@@ -50,8 +53,9 @@ def define_flags() -> None:
     _FORMATS = flags.DEFINE_string(
         "formats",
         DEFAULT_FORMATS,
-        "Comma-separated formats to write: saved_model (TF Serving, a new integer version) "
-        f"and the .tflite models {', '.join(TFLITE_FORMATS)}.",
+        "Comma-separated formats to write: saved_model (TF Serving, a new integer version), "
+        f"the .tflite models {', '.join(TFLITE_FORMATS)} (with TFLite metadata: labels and "
+        "input normalisation for MediaPipe / Android), and onnx (model.onnx).",
     )
     _REPRESENTATIVE_DATA = flags.DEFINE_string(
         "representative_data",
@@ -70,6 +74,10 @@ def define_flags() -> None:
         "Held-out images on which every format is compared with the Keras model; 0: none.",
         lower_bound=0,
     )
+    _AUTHOR = flags.DEFINE_string("author", "", "The author field of the .tflite metadata.")
+    _MODEL_VERSION = flags.DEFINE_string(
+        "model_version", "", "The version field of the .tflite metadata; default: export time."
+    )
     flags.mark_flag_as_required("model")
 
 
@@ -87,6 +95,8 @@ def main(argv: list[str]) -> None:
             data=data_flags.training_data_config(_MODEL.value, _REPRESENTATIVE_DATA.value),
             num_calibration=_NUM_CALIBRATION.value,
             num_evaluation=_NUM_EVALUATION.value,
+            author=_AUTHOR.value,
+            version=_MODEL_VERSION.value,
         )
     )
 

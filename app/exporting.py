@@ -24,6 +24,7 @@ import sys
 
 from app import data
 from app.data import DataConfig
+from app.training.config import FLAGS_FILE
 from common.errors import UsageError
 from export import FORMATS
 from export.images import Sample, to_model_input
@@ -46,6 +47,8 @@ class ExportJob:
             and no agreement figures.
         num_calibration: training images that calibrate the full-int8 model.
         num_evaluation: held-out images on which every format is compared with Keras.
+        author: the author field of the `.tflite` metadata.
+        version: the version field of the `.tflite` metadata; empty: the export's UTC time.
     """
 
     model: str
@@ -54,6 +57,8 @@ class ExportJob:
     data: DataConfig | None = None
     num_calibration: int = 200
     num_evaluation: int = 500
+    author: str = ""
+    version: str = ""
 
 
 def calibration_and_evaluation(
@@ -138,7 +143,20 @@ def export_model(job: ExportJob) -> dict:
             "note: no --representative_data nor flags.txt: no agreement figures in the report",
             file=sys.stderr,
         )
-    config = exporter.ExportConfig(export_dir, job.formats, calibration, evaluation)
+    flags_path = os.path.join(os.path.dirname(os.path.abspath(job.model)), FLAGS_FILE)
+    training_flags = None
+    if os.path.isfile(flags_path):  # the model card's training recipe
+        with open(flags_path) as f:
+            training_flags = f.read()
+    config = exporter.ExportConfig(
+        export_dir,
+        job.formats,
+        calibration,
+        evaluation,
+        author=job.author,
+        version=job.version,
+        training_flags=training_flags,
+    )
     result = exporter.export_all(bundle, config)
     print(report.to_markdown(result))
     print(f"exported {', '.join(job.formats)} to {export_dir}")

@@ -11,6 +11,9 @@ Modules (importing `export` itself loads nothing heavy; each module imports Tens
   integer versions, `load_serving` to run it.
 - `export.tflite`: float32 / float16 / dynamic-range int8 / full-int8 `.tflite` conversion and
   `TFLiteClassifier`, the one LiteRT runner.
+- `export.metadata`: the TFLite model metadata (labels, input normalisation) in every `.tflite`.
+- `export.onnx`: `model.onnx` (Keras' ONNX export) and `ONNXClassifier` (ONNX Runtime).
+- `export.model_card`: `model_card.md`, written from the report.
 - `export.client`: TF Serving requests (gRPC `PredictRequest`, REST JSON) and warmup records.
 - `export.images`: image arrays as the models take them (`Sample`, `to_model_input`).
 - `export.report`: size, latency and agreement of every format against Keras.
@@ -20,7 +23,8 @@ Modules (importing `export` itself loads nothing heavy; each module imports Tens
 # `python -m app.export --formats=...` names, in the order they are written.
 SAVED_MODEL = "saved_model"
 TFLITE_FORMATS = ("float32", "float16", "dynamic_int8", "int8")
-FORMATS = (SAVED_MODEL, *TFLITE_FORMATS)
+ONNX = "onnx"
+FORMATS = (SAVED_MODEL, *TFLITE_FORMATS, ONNX)
 
 # The serving contract, what clients of the SavedModel rely on: the signature names, their
 # input names (`images` uint8 [batch, h, w, 3]; `image_bytes` string [batch]) and the three

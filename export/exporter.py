@@ -29,10 +29,13 @@ from common.errors import UsageError
 from common.files import atomic_path
 from export import (
     FORMATS,
+    ONNX,
     SAVED_MODEL,
     TFLITE_FORMATS,
     images,
     metadata,
+    model_card,
+    onnx,
     report,
     saved_model,
     tflite,
@@ -59,6 +62,7 @@ class ExportConfig:
             when they are the model's classes, add accuracy); None: no agreement figures.
         author: the author field of the `.tflite` metadata (empty: not said).
         version: the version field of the `.tflite` metadata; empty: the export's UTC time.
+        training_flags: the training run's flags.txt, for the model card; None: unknown.
     """
 
     export_dir: str
@@ -67,6 +71,7 @@ class ExportConfig:
     evaluation: images.Sample | None = None
     author: str = ""
     version: str = ""
+    training_flags: str | None = None
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -82,7 +87,7 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
-    """Writes the formats, labels.txt, preprocessing.json, report.json and report.md.
+    """Writes the formats, labels.txt, preprocessing.json, report.json/.md, model_card.md.
 
     Returns:
         The report (what report.json holds).
@@ -136,9 +141,20 @@ def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
             written[fmt] = path
             log.info("wrote %s (%d bytes)", path, len(blob))
 
+    if ONNX in config.formats:
+        path = os.path.join(config.export_dir, onnx.FILENAME)
+        blob = onnx.convert(bundle.model, bundle.preprocessing)
+        with atomic_path(path, suffix=".onnx") as tmp, open(tmp, "wb") as f:
+            f.write(blob)
+        written[ONNX] = path
+        log.info("wrote %s (%d bytes)", path, len(blob))
+
     result = _report(bundle, config, written, calibration, evaluation, created)
     json_path, md_path = report.write_report(config.export_dir, result)
-    log.info("wrote %s and %s", json_path, md_path)
+    card = model_card.write_model_card(
+        config.export_dir, result, bundle.class_names, config.training_flags
+    )
+    log.info("wrote %s, %s and %s", json_path, md_path, card)
     return result
 
 
@@ -183,10 +199,14 @@ def _report(
         reference = report.keras_probabilities(bundle.model, bundle.preprocessing, pixels)
         result["evaluation"] = {"source": evaluation.source, "images": len(pixels)}
         if labels is not None:
-            result["evaluation"]["keras_accuracy"] = float((reference.argmax(-1) == labels).mean())
+            result["evaluation"].update(
+                report.accuracies(reference, labels, len(bundle.class_names))
+            )
     for fmt, path in written.items():
         log.info("measuring %s", fmt)
-        measure = report.measure_saved_model if fmt == SAVED_MODEL else report.measure_tflite
+        measure = {SAVED_MODEL: report.measure_saved_model, ONNX: report.measure_onnx}.get(
+            fmt, report.measure_tflite
+        )
         entry = {"format": fmt, "path": os.path.relpath(path, config.export_dir)}
         entry.update(measure(path, pixels, reference, labels))
         result["formats"].append(entry)

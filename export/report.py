@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from common.files import write_text_atomic
-from export import graph, saved_model, tflite
+from export import graph, onnx, saved_model, tflite
 from models.preprocessing import Preprocessing
 
 REPORT_JSON = "report.json"
@@ -58,6 +58,16 @@ def agreement(
     return result
 
 
+def accuracies(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """Keras' top-1 accuracy on the labelled images, overall and per class (None: no images)."""
+    right = probabilities.argmax(-1) == labels
+    per_class = [
+        float(right[labels == k].mean()) if (labels == k).any() else None
+        for k in range(num_classes)
+    ]
+    return {"keras_accuracy": float(right.mean()), "keras_per_class_accuracy": per_class}
+
+
 def _latency(seconds: np.ndarray) -> dict:
     ms = 1000.0 * np.asarray(seconds)
     return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90))}
@@ -87,6 +97,23 @@ def measure_tflite(
     classifier = tflite.TFLiteClassifier(path, num_threads=tflite.NUM_THREADS)
     # A few unmeasured calls first: XNNPACK packs its weights on the first invoke.
     classifier.predict(images[:3])
+    probabilities, seconds = classifier.predict_timed(images)
+    return {
+        "size_bytes": file_size(path),
+        "latency": _latency(seconds),
+        **(agreement(reference, probabilities, labels) if reference is not None else {}),
+    }
+
+
+def measure_onnx(
+    path: str,
+    images: np.ndarray,
+    reference: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+) -> dict:
+    """Size, batch-1 latency (ONNX Runtime, CPU, 2 threads) and agreement of `model.onnx`."""
+    classifier = onnx.ONNXClassifier(path)
+    classifier.predict(images[:3])  # unmeasured first runs
     probabilities, seconds = classifier.predict_timed(images)
     return {
         "size_bytes": file_size(path),
@@ -133,6 +160,7 @@ def environment() -> dict:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "ai_edge_litert": version("ai-edge-litert"),
+        "onnxruntime": version("onnxruntime"),
         "tflite_threads": tflite.NUM_THREADS,
     }
 
@@ -181,7 +209,8 @@ def to_markdown(report: dict) -> str:
         "",
         f"Latency: batch 1, median (p90), on {env['cpu_count']} CPUs ({env['processor']}); "
         f"LiteRT {env['ai_edge_litert']} with XNNPACK and {env['tflite_threads']} threads, "
-        f"SavedModel through TensorFlow {env['tensorflow']}.",
+        f"SavedModel through TensorFlow {env['tensorflow']}"
+        + (f", ONNX through ONNX Runtime {env['onnxruntime']}." if "onnxruntime" in env else "."),
         "",
         "| format | file | size | latency ms | top-1 agreement | max abs prob diff "
         "| largest lead overturned | accuracy |",

@@ -21,7 +21,7 @@ import tensorflow as tf
 from app import exporting
 from app.data import DataConfig
 from common.errors import UsageError
-from export import FORMATS, TFLITE_FORMATS, exporter, images, report, tflite
+from export import FORMATS, TFLITE_FORMATS, exporter, images, metadata, report, tflite
 from models import preprocessing as preprocessing_lib
 from models import resnet
 from models.bundle import load_model_bundle, write_labels
@@ -44,8 +44,8 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_parse_formats():
     assert exporter.parse_formats("int8, saved_model") == ("saved_model", "int8")
     assert exporter.parse_formats(",".join(FORMATS)) == FORMATS
-    with pytest.raises(UsageError, match="unknown format 'onnx'"):
-        exporter.parse_formats("saved_model,onnx")
+    with pytest.raises(UsageError, match="unknown format 'tfjs'"):
+        exporter.parse_formats("saved_model,tfjs")
     with pytest.raises(UsageError, match="--formats is empty"):
         exporter.parse_formats(" , ")
     from app import export as program  # its default is every format, in order
@@ -87,7 +87,7 @@ def test_bad_samples_fail_before_writing(tmp_path):
             ("saved_model",),
             evaluation=images.Sample(pixels, np.zeros(3, np.int64), "short"),
         ),
-        "unknown format 'onnx'": exporter.ExportConfig(str(export_dir), ("saved_model", "onnx")),
+        "unknown format 'tfjs'": exporter.ExportConfig(str(export_dir), ("saved_model", "tfjs")),
     }
     for expected, config in cases.items():
         with pytest.raises(UsageError, match=expected):
@@ -122,10 +122,12 @@ def test_report_without_real_images_has_sizes_and_latencies(tmp_path):
     bundle = load_model_bundle(save_bundle(tmp_path / "run", model, pre, CLASSES))
     export_dir = tmp_path / "run" / "export"
     result = exporter.export_all(
-        bundle, exporter.ExportConfig(str(export_dir), formats=("saved_model", "float16"))
+        bundle, exporter.ExportConfig(str(export_dir), formats=("saved_model", "float16", "onnx"))
     )
     assert sorted(os.listdir(export_dir)) == [
         "labels.txt",
+        "model.onnx",
+        "model_card.md",
         "model_float16.tflite",
         "preprocessing.json",
         "report.json",
@@ -135,12 +137,15 @@ def test_report_without_real_images_has_sizes_and_latencies(tmp_path):
     assert json.loads((export_dir / "report.json").read_text()) == result
     for name in ("model_float16.tflite", "report.json", "labels.txt"):
         assert oct(os.stat(export_dir / name).st_mode & 0o777) == oct(0o644)  # servable
-    assert [e["format"] for e in result["formats"]] == ["saved_model", "float16"]
+    assert [e["format"] for e in result["formats"]] == ["saved_model", "float16", "onnx"]
     for entry in result["formats"]:
         assert entry["size_bytes"] > 0 and entry["latency"]["median_ms"] > 0
         assert "top1_agreement" not in entry
     assert result["evaluation"] is None
     assert "Agreement not measured" in (export_dir / "report.md").read_text()
+    card = (export_dir / "model_card.md").read_text()
+    assert "Training flags unknown" in card and "Accuracy" in card
+    assert "| onnx | `model.onnx` | ONNX Runtime, Triton, OpenVINO |" in card
     assert report.agreement(np.eye(3), np.eye(3)[[0, 2, 2]], np.array([0, 1, 2])) == {
         "images": 3,
         "top1_agreement": 2 / 3,
@@ -262,8 +267,14 @@ def test_resnet50_trained_on_cifar10_exports_every_format_faithfully(cifar10_dir
     for fmt in TFLITE_FORMATS[1:]:  # every quantized format
         assert entries[fmt]["max_overturned_lead"] < 0.05, entries[fmt]
     assert entries["int8"]["size_vs_float32"] <= 0.27
-    for fmt in FORMATS[1:]:
-        assert (export_dir / tflite.filename(fmt)).is_file()
+    assert entries["onnx"]["top1_agreement"] == 1.0
+    assert entries["onnx"]["max_abs_prob_diff"] < 1e-5
+    for fmt in TFLITE_FORMATS:
+        assert metadata.read_metadata(str(export_dir / tflite.filename(fmt))).labels == (
+            CIFAR10_CLASSES
+        )
+    card = (export_dir / "model_card.md").read_text()
+    assert f"{100 * got['evaluation']['keras_accuracy']:.1f}%" in card
     assert (export_dir / "labels.txt").read_text().split() == CIFAR10_CLASSES
     assert json.loads((export_dir / "preprocessing.json").read_text())["image_size"] == 32
 
@@ -288,3 +299,33 @@ def test_resnet50_trained_on_cifar10_exports_every_format_faithfully(cifar10_dir
         "outputs['class_names']",
     ):
         assert text in shown.stdout
+
+
+def test_model_card_is_written_from_the_report_and_training_flags(tmp_path):
+    model, pre = tiny_model(num_classes=3, size=16), preprocessing_lib.cifar(16)
+    bundle = load_model_bundle(save_bundle(tmp_path / "run", model, pre, CLASSES[:3]))
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    config = exporter.ExportConfig(
+        str(tmp_path / "export"),
+        formats=("onnx",),
+        evaluation=images.Sample(random_images(6, 16, 16), labels, "six images"),
+        training_flags="# training run\n--arch=tiny\n--epochs=3\n",
+    )
+    result = exporter.export_all(bundle, config)
+    evaluation = result["evaluation"]
+    predicted = report.keras_probabilities(model, pre, random_images(6, 16, 16)).argmax(-1)
+    assert evaluation["keras_accuracy"] == float((predicted == labels).mean())
+    assert evaluation["keras_per_class_accuracy"] == [
+        float((predicted[labels == k] == k).mean()) for k in range(3)
+    ]
+    card = (tmp_path / "export" / "model_card.md").read_text()
+    assert "--arch=tiny\n--epochs=3\n" in card and "# training run" not in card
+    assert "6 images from `six images`" in card
+    for name, accuracy in zip(CLASSES[:3], evaluation["keras_per_class_accuracy"], strict=True):
+        assert f"| {name} | {100 * accuracy:.1f}% |" in card
+    (onnx_entry,) = result["formats"]
+    assert f"| {_pct(onnx_entry['top1_agreement'])} | {_pct(onnx_entry['accuracy'])} |" in card
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
