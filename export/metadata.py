@@ -210,8 +210,25 @@ def read_metadata(model: str | bytes) -> Metadata:
             f"{where} has no TFLite metadata (no labels, no normalisation options): it was "
             "exported before metadata was added; export it again with python -m app.export"
         )
-    data = bytes(parsed.buffers[entries[0].buffer].data)
-    root = schema.ModelMetadataT.InitFromObj(schema.ModelMetadata.GetRootAs(data, 0))
+    try:
+        return _parse(schema, parsed, parsed.buffers[entries[0].buffer].data, model)
+    except (
+        StopIteration,
+        AttributeError,
+        IndexError,
+        KeyError,
+        TypeError,
+        zipfile.BadZipFile,
+    ) as e:
+        raise UsageError(
+            f"{where} has TFLite metadata but not an image classifier's (RGB image input with "
+            f"normalisation options, labels on the output): {type(e).__name__}"
+        ) from e
+
+
+def _parse(schema, parsed, data: np.ndarray, model: bytes) -> Metadata:
+    """`Metadata` from the model's metadata buffer `data` and its labels zip."""
+    root = schema.ModelMetadataT.InitFromObj(schema.ModelMetadata.GetRootAs(bytes(data), 0))
     subgraph = root.subgraphMetadata[0]
     image, scores = subgraph.inputTensorMetadata[0], subgraph.outputTensorMetadata[0]
     normalization = next(

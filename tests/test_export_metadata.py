@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tensorflow.lite.tools import flatbuffer_utils
 
 from common.errors import UsageError
 from export import TFLITE_FORMATS, exporter, images, metadata, tflite
@@ -67,6 +68,15 @@ def test_metadata_reads_back_and_leaves_outputs_bit_identical(tmp_path):
     (tmp_path / "junk.tflite").write_bytes(b"not a model" * 20)
     with pytest.raises(UsageError, match="is not a TFLite model"):
         metadata.read_metadata(str(tmp_path / "junk.tflite"))
+    # Metadata whose labels file was lost (the zip after the flatbuffer cut off).
+    tagged = metadata.add_metadata(blobs["float32"], CLASSES, info)
+    cut = bytes(
+        flatbuffer_utils.convert_object_to_bytearray(
+            flatbuffer_utils.read_model_from_bytearray(tagged)
+        )
+    )
+    with pytest.raises(UsageError, match="has TFLite metadata but not an image classifier's"):
+        metadata.read_metadata(cut)
     with pytest.raises(UsageError, match="10 outputs but 3 class names"):
         metadata.add_metadata(blobs["float32"], CLASSES[:3], info)
 
