@@ -181,6 +181,7 @@ def _report(
     size = bundle.preprocessing.image_size
     result = {
         "model": os.path.abspath(bundle.path),
+        "model_name": bundle.model.name,
         "created": created,
         "image_size": size,
         "num_classes": len(bundle.class_names),

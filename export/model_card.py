@@ -39,7 +39,8 @@ def to_markdown(report: dict, class_names: list[str], training_flags: str | None
     size = report["image_size"]
     evaluation, calibration = report.get("evaluation"), report.get("calibration")
     lines = [
-        f"# Model card: {os.path.basename(os.path.dirname(report['model'])) or report['model']}",
+        f"# Model card: {report.get('model_name', 'model')} "
+        f"({os.path.basename(os.path.dirname(report['model']))})",
         "",
         f"Image classifier, {len(class_names)} classes: {', '.join(class_names)}. "
         f"Exported {report['created']} from `{report['model']}`.",
