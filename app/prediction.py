@@ -257,7 +257,10 @@ class TFLitePredictor(Predictor):
         self.path = path
         self.folder = export_folder(path)
         self.name = os.path.basename(path).removesuffix(TFLITE_SUFFIX).removeprefix("model_")
-        self.classifier = TFLiteClassifier(path)
+        try:
+            self.classifier = TFLiteClassifier(path)
+        except UsageError as e:  # empty, truncated, not a flatbuffer, another input shape
+            raise UsageError(f"{e}; copy it again, or export it again with app.export") from e
         self.image_size = self.classifier.image_size
         self.class_names = read_labels(find_labels(self.folder, 0))
         classes = self.classifier.num_classes

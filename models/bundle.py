@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import zipfile
+import zlib
 
 from common.errors import UsageError, first_line
 from common.files import write_text_atomic
@@ -58,7 +59,7 @@ def check_keras_archive(path: str) -> None:
             names = set(archive.namelist())
             damaged = archive.testzip()  # checks every member's CRC
             config = archive.read("config.json") if "config.json" in names else b"{}"
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
         raise UsageError(
             f"{path} is not a Keras model file ({size} bytes, {first_line(e)}): truncated by "
             f"an interrupted copy or save, or another format; {fix}"
@@ -127,6 +128,11 @@ def load_model_bundle(path: str) -> ModelBundle:
     """
     import keras
 
+    if os.path.isdir(path):
+        raise UsageError(
+            f"{path} is a folder, not a .keras file: pass the model app.train writes, e.g. "
+            "runs/cpu_quick/best.keras"
+        )
     if not os.path.isfile(path):
         raise UsageError(f"model file not found: {path}")
     directory = os.path.dirname(os.path.abspath(path))
