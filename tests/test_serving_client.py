@@ -28,7 +28,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-from common.errors import first_line
+from common.errors import UsageError, first_line
 from export import client, exporter, saved_model
 from models import preprocessing
 from models.bundle import load_model_bundle
@@ -316,3 +316,30 @@ def test_tensor_values_reads_both_encodings():
     assert client.rest_url("https://h:443", "m", version=2) == (
         "https://h:443/v1/models/m/versions/2:predict"
     )
+
+
+def test_a_version_folder_stands_on_its_own(export_dir, served, image_files, tmp_path):
+    """A version copied alone (as onto a server) still predicts with its class names and
+    image size (assets.extra); an older export without them reads the export folder's."""
+    import shutil
+
+    from app import prediction
+
+    alone = tmp_path / "server" / "resnet"
+    shutil.copytree(export_dir / "saved_model" / "1", alone / "7")
+    predictor = prediction.load_predictor(str(alone))
+    assert (predictor.path, predictor.class_names) == (str(alone / "7"), CLASSES)
+    assert predictor.image_size == 16
+    pixels = [client.read_pixels(f)[0] for f in image_files]
+    expected = np.concatenate([served.predict(p[np.newaxis])["probabilities"] for p in pixels])
+    np.testing.assert_allclose(predictor.predict(pixels), expected, atol=1e-6)
+
+    older = tmp_path / "older"
+    shutil.copytree(export_dir, older)
+    shutil.rmtree(older / "saved_model" / "1" / saved_model.EXTRA_DIR)
+    predictor = prediction.load_predictor(str(older / "saved_model"))
+    assert (predictor.class_names, predictor.image_size) == (CLASSES, 16)
+    assert predictor.folder == str(older)
+    shutil.rmtree(alone / "7" / saved_model.EXTRA_DIR)
+    with pytest.raises(UsageError, match=r"labels\.txt not found in"):
+        prediction.load_predictor(str(alone))
