@@ -3,7 +3,14 @@
 `evaluate(EvalConfig)` is what `python -m app.evaluate` runs: load the model and the data,
 refuse data with other classes, run the model over the split, print the metrics and write
 `eval_<split>.json`, `confusion_<split>.png` and `predictions_<split>.png`. Its steps are
-pure functions over plain arguments (a Keras model, a `tf.data` dataset, arrays).
+pure functions over plain arguments (a Keras model, a `tf.data` dataset, arrays); the
+metrics are `app.metrics`.
+
+The model may be any exported format too: a `.tflite` file or a SavedModel (base path or
+version folder), run through `app.prediction`'s predictors on the images as stored (the
+SavedModel resizes inside its graph; a `.tflite` gets them resized as `app.predict` does), with
+the class names from the export itself. The files are then named after the format
+(`eval_<split>_int8.json`, ...) and go into the export folder.
 
 Example:
 
@@ -27,6 +34,11 @@ Or step by step:
     logits, labels, samples = evaluation.predict_logits(bundle.model, ds, [0, 1, 2])
     result = evaluation.compute_metrics(logits, labels, bundle.class_names, name)
     print(evaluation.format_report(result))
+
+    # an exported model: probabilities, not logits
+    from app import prediction
+    predictor = prediction.load_predictor("runs/cpu_quick/export/model_int8.tflite")
+    probabilities, labels, samples = evaluation.predict_probabilities(predictor, examples)
 """
 
 from __future__ import annotations
@@ -41,89 +53,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from app.data import SPLITS
+from app.metrics import EvalResult, compute_metrics, format_report
 from common.errors import UsageError
 from common.files import write_text_atomic
 
 if TYPE_CHECKING:
     from app.data import DataConfig
 
-TOP_K = 5
 # The reference tutorial's prediction figure: 2 rows of 3 images.
 GRID_IMAGES = 6
 GRID_COLS = 3
-# Most-confused (true, predicted) pairs listed in the report.
-CONFUSED_PAIRS = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalResult:
-    """Metrics of one split.
-
-    Attributes:
-        split: the split evaluated.
-        class_names: names by class index.
-        num_examples: images evaluated.
-        top1: top-1 accuracy.
-        topk: top-k accuracy, k = `k` (5, or the number of classes when fewer).
-        k: the k of `topk`.
-        loss: mean softmax cross-entropy.
-        confusion: int64 [classes, classes]; rows true class, columns predicted.
-    """
-
-    split: str
-    class_names: list[str]
-    num_examples: int
-    top1: float
-    topk: float
-    k: int
-    loss: float
-    confusion: np.ndarray
-
-    @property
-    def class_counts(self) -> np.ndarray:
-        return self.confusion.sum(axis=1)
-
-    @property
-    def class_accuracy(self) -> np.ndarray:
-        """Recall per class; NaN for a class with no examples in the split."""
-        counts = self.class_counts
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(counts > 0, np.diag(self.confusion) / counts, np.nan)
-
-    def most_confused(self, n: int = CONFUSED_PAIRS) -> list[tuple[str, str, int]]:
-        """The `n` largest off-diagonal cells: (true name, predicted name, count)."""
-        off = self.confusion.copy()
-        np.fill_diagonal(off, 0)
-        order = np.argsort(-off, axis=None, kind="stable")[:n]
-        pairs = [np.unravel_index(i, off.shape) for i in order]
-        return [
-            (self.class_names[t], self.class_names[p], int(off[t, p]))
-            for t, p in pairs
-            if off[t, p] > 0
-        ]
-
-    def to_dict(self) -> dict:
-        accuracy = self.class_accuracy
-        return {
-            "split": self.split,
-            "num_examples": self.num_examples,
-            "top1_accuracy": self.top1,
-            f"top{self.k}_accuracy": self.topk,
-            "loss": self.loss,
-            "class_names": list(self.class_names),
-            "per_class": {
-                name: {
-                    "examples": int(self.class_counts[i]),
-                    "correct": int(self.confusion[i, i]),
-                    "accuracy": None if np.isnan(accuracy[i]) else float(accuracy[i]),
-                }
-                for i, name in enumerate(self.class_names)
-            },
-            "most_confused": [
-                {"true": t, "predicted": p, "count": c} for t, p, c in self.most_confused()
-            ],
-            "confusion_matrix": self.confusion.tolist(),
-        }
+# The figure's image size for a model that does not state its input size.
+DISPLAY_SIZE = 64
 
 
 def check_class_names(model_classes: Sequence[str], data_classes: Sequence[str], where: str):
@@ -222,57 +163,70 @@ def predict_logits(
     return np.concatenate(logits), np.concatenate(labels), kept
 
 
-def compute_metrics(
-    logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str], split: str
-) -> EvalResult:
-    """Top-1, top-k (k = 5 or fewer classes), mean cross-entropy and the confusion matrix."""
+def stored_batches(examples, batch_size: int):
+    """Yields (uint8 RGB images as stored, int64 labels) in order, `batch_size` at a time;
+    files and encoded bytes are decoded here, sizes may differ."""
+    import tensorflow as tf
+
+    from app.data.decode import decode_image
+
+    for start in range(0, examples.num_examples, batch_size):
+        stop = min(start + batch_size, examples.num_examples)
+        if examples.images is not None:
+            images = list(examples.images[start:stop])
+        elif examples.files is not None:
+            images = [decode_image(tf.io.read_file(f)).numpy() for f in examples.files[start:stop]]
+        else:
+            images = [decode_image(e).numpy() for e in examples.encoded[start:stop]]
+        yield images, np.asarray(examples.labels[start:stop], np.int64)
+
+
+def predict_probabilities(
+    predictor, examples, keep: Sequence[int] = (), verbose: int = 1, batch_size: int = 128
+) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """Runs an `app.prediction.Predictor` (any format) over a split's stored images.
+
+    Returns:
+        (float32 probabilities [n, classes], int64 labels [n], {index: float 0..255 image
+        at the model's input size, or `DISPLAY_SIZE` when the model does not say}).
+    """
     import keras
 
-    logits = np.asarray(logits, np.float32)
-    labels = np.asarray(labels, np.int64)
-    num_classes = len(class_names)
-    if logits.ndim != 2 or logits.shape[1] != num_classes or len(logits) != len(labels):
-        raise ValueError(f"logits {logits.shape} do not fit {len(labels)} labels, {num_classes}")
-    k = min(TOP_K, num_classes)
-    loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-    in_top_k = keras.metrics.sparse_top_k_categorical_accuracy(labels, logits, k=k)
-    predicted = logits.argmax(axis=1)
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    return EvalResult(
-        split=split,
-        class_names=list(class_names),
-        num_examples=len(labels),
-        top1=float(np.mean(predicted == labels)),
-        topk=float(np.mean(keras.ops.convert_to_numpy(in_top_k), dtype=np.float64)),
-        k=k,
-        loss=float(np.mean(keras.ops.convert_to_numpy(loss))),
-        confusion=confusion,
-    )
+    from models.preprocessing import resize
+
+    wanted = set(keep)
+    probabilities, labels, kept = [], [], {}
+    progress = keras.utils.Progbar(examples.num_examples, verbose=verbose, unit_name="image")
+    seen = 0
+    for images, batch_labels in stored_batches(examples, batch_size):
+        probabilities.append(predictor.predict(images))
+        labels.append(batch_labels)
+        for i in wanted.intersection(range(seen, seen + len(images))):
+            size = predictor.image_size or DISPLAY_SIZE
+            kept[i] = keras.ops.convert_to_numpy(resize(images[i - seen], size))
+        seen += len(images)
+        progress.update(seen)
+    if verbose:
+        progress.update(seen, finalize=True)
+    if not probabilities:
+        raise UsageError("the split to evaluate holds no examples")
+    return np.concatenate(probabilities), np.concatenate(labels), kept
 
 
-def format_report(result: EvalResult) -> str:
-    """The printed summary: headline metrics, a per-class table, the worst confusions."""
-    width = max(len("class"), *(len(n) for n in result.class_names))
-    lines = [
-        f"{result.split}: {result.num_examples} images",
-        f"  top-1 accuracy  {result.top1:.4f}",
-        f"  top-{result.k} accuracy  {result.topk:.4f}",
-        f"  loss            {result.loss:.4f}",
-        "",
-        f"{'class':<{width}}  {'images':>6}  {'correct':>7}  {'accuracy':>8}",
-    ]
-    for i, name in enumerate(result.class_names):
-        acc = result.class_accuracy[i]
-        shown = "-" if np.isnan(acc) else f"{acc:.4f}"
-        lines.append(
-            f"{name:<{width}}  {result.class_counts[i]:>6}  {result.confusion[i, i]:>7}  {shown:>8}"
-        )
-    confused = result.most_confused()
-    if confused:
-        lines.append("")
-        lines.append("most confused: " + ", ".join(f"{t} as {p} ({c})" for t, p, c in confused))
-    return "\n".join(lines)
+def training_model(path: str) -> str:
+    """The `.keras` model an exported model came from (the export's report.json says),
+    so its training run's flags.txt gives the data to evaluate on; `path` itself otherwise."""
+    from app.prediction import KERAS_SUFFIX, export_folder
+
+    if path.endswith(KERAS_SUFFIX) or not os.path.exists(path):
+        return path
+    report = os.path.join(export_folder(path), "report.json")
+    try:
+        with open(report) as f:
+            source = json.load(f).get("model")
+    except (OSError, ValueError, AttributeError):
+        return path
+    return source if isinstance(source, str) and os.path.isfile(source) else path
 
 
 def write_outputs(
@@ -282,8 +236,10 @@ def write_outputs(
     labels: Sequence[int],
     predictions: Sequence[int],
     extra: dict | None = None,
+    tag: str = "",
 ) -> dict[str, str]:
-    """Writes `eval_<split>.json`, `confusion_<split>.png` and `predictions_<split>.png`.
+    """Writes `eval_<split><tag>.json`, `confusion_<split><tag>.png` and
+    `predictions_<split><tag>.png`.
 
     Args:
         result: the metrics.
@@ -291,13 +247,14 @@ def write_outputs(
         images: float or uint8 0..255 RGB pixels of the figure's images.
         labels, predictions: their true and predicted class indices.
         extra: more fields for the JSON (model path, data source, ...).
+        tag: added to the names ("_int8" for model_int8.tflite; "" for a Keras model).
 
     Returns:
         {"json": path, "confusion": path, "predictions": path}.
     """
     from app import plots
 
-    split = result.split
+    split = result.split + tag
     paths = {
         "confusion": os.path.join(output_dir, f"confusion_{split}.png"),
         "predictions": os.path.join(output_dir, f"predictions_{split}.png"),
@@ -321,10 +278,12 @@ class EvalConfig:
     """One evaluation run.
 
     Attributes:
-        model: the `.keras` file (labels.txt and preprocessing.json beside it).
+        model: the `.keras` file (labels.txt and preprocessing.json beside it), a `.tflite`
+            file or a SavedModel folder (what app.export writes).
         data: the dataset to read (`app.data.DataConfig`).
         split: one of `SPLITS`; "test" falls back to "validation" when the data has none.
-        output_dir: where the files go; None: the model's folder.
+        output_dir: where the files go; None: the model's folder (for an exported model,
+            its export folder).
         batch_size: images per batch.
         verbose: 1 shows a progress bar.
     """
@@ -351,40 +310,58 @@ def evaluate(config: EvalConfig) -> tuple[EvalResult, dict[str, str]]:
             empty split, or an output folder that cannot be written.
         app.data.DataError: the data cannot be read.
     """
-    from app import data
+    from app import data, prediction
     from models.bundle import load_model_bundle
 
-    bundle = load_model_bundle(config.model)
+    # A Keras model runs over the tf.data pipeline in batches; every other format through
+    # its predictor, on the images as stored (the same answers app.predict gives).
+    keras_model = config.model.endswith(prediction.KERAS_SUFFIX)
+    if keras_model:
+        bundle = load_model_bundle(config.model)
+        class_names, folder = bundle.class_names, os.path.dirname(os.path.abspath(config.model))
+    else:
+        predictor = prediction.load_predictor(config.model)
+        class_names, folder = predictor.class_names, predictor.folder
     # Unless train is evaluated, load one training image only: the hold-out is chosen
     # before the limit, and decoding 45,000 unused images would cost most of the run.
     load_config = config.data
     if config.split != "train":
         load_config = dataclasses.replace(config.data, train_limit=1)
     splits = data.load(load_config)
-    check_class_names(bundle.class_names, splits.class_names, splits.train.origin)
+    check_class_names(class_names, splits.class_names, splits.train.origin)
     split, examples, note = choose_split(splits, config.split)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    dataset = data.eval_dataset(examples, bundle.preprocessing, config.batch_size)
     keep = sample_indices(examples.num_examples)
-    logits, labels, kept = predict_logits(
-        bundle.model, dataset, keep, verbose=config.verbose, total=examples.num_examples
-    )
-    result = compute_metrics(logits, labels, bundle.class_names, split)
-    output_dir = config.output_dir or os.path.dirname(os.path.abspath(config.model))
+    if keras_model:
+        dataset = data.eval_dataset(examples, bundle.preprocessing, config.batch_size)
+        scores, labels, kept = predict_logits(
+            bundle.model, dataset, keep, verbose=config.verbose, total=examples.num_examples
+        )
+        figure = bundle.preprocessing.invert(np.stack([kept[i] for i in keep]))
+        model_format, tag = "keras", ""
+    else:
+        scores, labels, kept = predict_probabilities(
+            predictor, examples, keep, config.verbose, config.batch_size
+        )
+        figure = np.stack([kept[i] for i in keep])
+        model_format, tag = predictor.name, f"_{predictor.name}"
+    result = compute_metrics(scores, labels, class_names, split, from_logits=keras_model)
     paths = write_outputs(
         result,
-        output_dir,
-        images=bundle.preprocessing.invert(np.stack([kept[i] for i in keep])),
+        config.output_dir or folder,
+        images=figure,
         labels=[labels[i] for i in keep],
-        predictions=[int(logits[i].argmax()) for i in keep],
+        predictions=[int(scores[i].argmax()) for i in keep],
         extra={
             "model": os.path.abspath(config.model),
+            "format": model_format,
             "requested_split": config.split,
             "data_source": splits.source,
             "data_origin": examples.origin,
             "data_config": dataclasses.asdict(config.data),
         },
+        tag=tag,
     )
     print(format_report(result))
     print(f"wrote {paths['json']}, {paths['confusion']}, {paths['predictions']}")

@@ -16,7 +16,8 @@ Usage:
     python -m app.export --model=runs/cpu_quick/best.keras \
         --representative_data=~/data/cifar10
 
-    # only the SavedModel, into a TF Serving model base path of your choice:
+    # only the SavedModel: it lands in /srv/models/resnet/saved_model/<N>/, so TF Serving
+    # runs with --model_base_path=/srv/models/resnet/saved_model
     python -m app.export --model=runs/cpu_quick/best.keras --formats=saved_model \
         --export_dir=/srv/models/resnet
 """

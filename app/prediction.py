@@ -27,7 +27,8 @@ import numpy as np
 
 from common.errors import UsageError, first_line
 from models.bundle import LABELS_FILE, load_model_bundle, read_labels
-from models.preprocessing import resize
+from models.preprocessing import FILENAME as PREPROCESSING_FILE
+from models.preprocessing import Preprocessing, resize
 
 KERAS_SUFFIX = ".keras"
 TFLITE_SUFFIX = ".tflite"
@@ -85,11 +86,24 @@ def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list
 
 
 class Predictor:
-    """A loaded model that maps decoded images to class probabilities."""
+    """A loaded model that maps decoded images to class probabilities.
+
+    Attributes:
+        kind: "keras", "saved_model" or "tflite".
+        name: the format, for file names: "keras", "saved_model", or the `.tflite` variant
+            ("int8" for `model_int8.tflite`).
+        path: the model file or SavedModel version folder loaded.
+        folder: where the model's sidecars are (its model or export folder).
+        class_names: names by class index.
+        image_size: the model's square input size, or None when the model does not say.
+    """
 
     kind: str = ""
+    name: str = ""
     path: str = ""
+    folder: str = ""
     class_names: list[str]
+    image_size: int | None = None
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 RGB images `[h, w, 3]` of any sizes -> float32 probabilities `[n, classes]`."""
@@ -99,14 +113,16 @@ class Predictor:
 class KerasPredictor(Predictor):
     """A `.keras` model (logits head) with its `labels.txt` and `preprocessing.json`."""
 
-    kind = "keras"
+    kind = name = "keras"
 
     def __init__(self, path: str):
         bundle = load_model_bundle(path)
         self.path = path
+        self.folder = os.path.dirname(os.path.abspath(path))
         self.model = bundle.model
         self.class_names = bundle.class_names
         self.preprocessing = bundle.preprocessing
+        self.image_size = bundle.preprocessing.image_size
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         import keras
@@ -143,44 +159,70 @@ def find_labels(model_dir: str, levels: int = 2) -> str:
     )
 
 
+def export_folder(path: str) -> str:
+    """The export folder of an exported model: the `.tflite` file's folder, or the folder
+    holding a SavedModel's base path (`<export_dir>/saved_model/<N>/`); `path`'s own folder
+    when it is laid out otherwise."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        return os.path.dirname(path)
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):  # a version folder
+        path = os.path.dirname(path)
+    candidate = os.path.dirname(path)
+    if os.path.isfile(os.path.join(candidate, LABELS_FILE)):
+        return candidate
+    return path if os.path.isfile(os.path.join(path, LABELS_FILE)) else candidate
+
+
 class SavedModelPredictor(Predictor):
     """A SavedModel's `serving_default` signature: uint8 images in, resized inside the graph
-    (`export.saved_model.load_serving`); `labels.txt` beside it or up to two folders above
-    (`export/labels.txt` for `export/saved_model/<N>/`)."""
+    (`export.saved_model.load_serving`). Labels and image size from the version's
+    `assets.extra/`; for older exports, `labels.txt` and `preprocessing.json` beside it or up
+    to two folders above (`export/labels.txt` for `export/saved_model/<N>/`)."""
 
-    kind = "saved_model"
+    kind = name = "saved_model"
 
     def __init__(self, path: str):
         from export import saved_model
 
-        version_dir = saved_model.resolve_version(path)
-        try:
-            self.serving = saved_model.load_serving(version_dir)
-        except Exception as e:  # parse/graph errors all mean "not a usable SavedModel"
-            raise UsageError(f"{version_dir} is not a loadable SavedModel ({first_line(e)})") from e
-        if saved_model.SIGNATURE_IMAGES not in self.serving.signatures:
-            raise UsageError(
-                f"{version_dir} has no {saved_model.SIGNATURE_IMAGES} signature "
-                f"(has: {', '.join(self.serving.signatures) or 'none'}); export it with app.export"
-            )
-        self.path = version_dir
-        self.class_names = read_labels(find_labels(version_dir))
+        self.serving = saved_model.load_serving(path)
+        self.path = self.serving.path
+        self.folder = export_folder(self.path)
+        self.class_names = self.serving.class_names
+        preprocessing = self.serving.preprocessing
+        if self.class_names is None:
+            labels_dir = find_labels(self.path)
+            self.class_names = read_labels(labels_dir)
+            if os.path.isfile(os.path.join(labels_dir, PREPROCESSING_FILE)):
+                preprocessing = Preprocessing.load(labels_dir)
+        self.image_size = preprocessing.image_size if preprocessing else None
         self._checked = False
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         out = []
-        # One call per image: the signature takes any size, but a batch shares one size.
-        for image in images:
-            result = self.serving.predict(np.asarray(image, np.uint8)[None])
+        start = 0
+        # Runs of images of one size go in one call (a batch shares one size).
+        while start < len(images):
+            stop = start + 1
+            shape = np.shape(images[start])
+            while (
+                stop < len(images)
+                and stop - start < KERAS_BATCH
+                and np.shape(images[stop]) == shape
+            ):
+                stop += 1
+            batch = np.stack([np.asarray(im, np.uint8) for im in images[start:stop]])
+            result = self.serving.predict(batch)
             if not self._checked:
                 self._check_labels(result)
             out.append(result["probabilities"])
+            start = stop
         if not out:
             return np.zeros((0, len(self.class_names)), np.float32)
         return np.concatenate(out).astype(np.float32)
 
     def _check_labels(self, result: dict) -> None:
-        """labels.txt found beside the export must agree with the names inside the model."""
+        """The labels found must agree with the names inside the model."""
         probabilities = result["probabilities"][0]
         if len(probabilities) != len(self.class_names):
             raise UsageError(
@@ -213,9 +255,14 @@ class TFLitePredictor(Predictor):
         if not os.path.isfile(path):
             raise UsageError(f"model file not found: {path}")
         self.path = path
-        self.classifier = TFLiteClassifier(path)
+        self.folder = export_folder(path)
+        self.name = os.path.basename(path).removesuffix(TFLITE_SUFFIX).removeprefix("model_")
+        try:
+            self.classifier = TFLiteClassifier(path)
+        except UsageError as e:  # empty, truncated, not a flatbuffer, another input shape
+            raise UsageError(f"{e}; copy it again, or export it again with app.export") from e
         self.image_size = self.classifier.image_size
-        self.class_names = read_labels(find_labels(os.path.dirname(os.path.abspath(path)), 0))
+        self.class_names = read_labels(find_labels(self.folder, 0))
         classes = self.classifier.num_classes
         if classes != len(self.class_names):
             raise UsageError(
@@ -232,7 +279,7 @@ def load_predictor(path: str) -> Predictor:
     """Loads a `.keras` file, a SavedModel (version folder or base path) or a `.tflite` file.
 
     Raises:
-        UsageError: the path is missing, of no known format, or lacks its labels.
+        UsageError: the path is missing, of no known format, broken, or lacks its labels.
     """
     if path.endswith(KERAS_SUFFIX):
         return KerasPredictor(path)
@@ -243,7 +290,8 @@ def load_predictor(path: str) -> Predictor:
     if not os.path.exists(path):
         raise UsageError(f"model not found: {path}")
     raise UsageError(
-        f"{path}: --model must be a .keras file, a SavedModel folder or a .tflite file"
+        f"{path}: --model must be a .keras file, a SavedModel folder (the export's "
+        "saved_model/ or one of its version folders) or a .tflite file"
     )
 
 

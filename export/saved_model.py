@@ -1,8 +1,11 @@
 """The TF Serving SavedModel: two signatures, integer versions, written atomically.
 
-Layout under a model base path (what `tensorflow/serving` watches):
+Layout under a model base path (what `tensorflow/serving --model_base_path` watches;
+`python -m app.export --export_dir=DIR` makes `DIR/saved_model` the base path):
 
-    <base>/1/  <base>/2/ ...   each a SavedModel; a new export adds max + 1
+    <base>/1/saved_model.pb  <base>/1/variables/  <base>/2/ ...   a new export adds max + 1
+    <base>/<N>/assets.extra/tf_serving_warmup_requests            replayed by TF Serving on load
+    <base>/<N>/assets.extra/labels.txt, preprocessing.json        so a version stands on its own
 
 Signatures (the serving contract; names in `export`):
 - `serving_default`: `images` uint8 [batch, height, width, 3], any height and width.
@@ -19,6 +22,7 @@ Example:
     version_dir = saved_model.export_saved_model(model, class_names, preprocessing, "exp/sm")
     served = saved_model.load_serving("exp/sm")          # the latest version
     served.predict(uint8_images)["class_names"]
+    served.class_names, served.preprocessing.image_size   # from assets.extra
 """
 
 from __future__ import annotations
@@ -42,11 +46,20 @@ from export import (
     client,
     graph,
 )
+from models.bundle import LABELS_FILE, read_labels, write_labels
+from models.preprocessing import FILENAME as PREPROCESSING_FILE
 from models.preprocessing import Preprocessing, resize
 
+# Files TF Serving ignores but keeps with a version (it reads only the warmup file).
+EXTRA_DIR = "assets.extra"
 # TF Serving replays these requests when it loads a version, so the first real request
 # does not pay for graph initialisation.
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+WARMUP_FILE = os.path.join(EXTRA_DIR, "tf_serving_warmup_requests")
+# The signatures' inputs: name -> (dtype, rank).
+CONTRACT = {
+    SIGNATURE_IMAGES: (INPUT_IMAGES, tf.uint8, 4),
+    SIGNATURE_BYTES: (INPUT_BYTES, tf.string, 1),
+}
 
 
 def serving_archive(
@@ -116,6 +129,36 @@ def versions(base_dir: str) -> list[int]:
     return sorted(found)
 
 
+def write_warmup_requests(path: str, image_size: int) -> str:
+    """Writes TF Serving's warmup file: one request per signature (a grey image)."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    grey = np.full((1, image_size, image_size, 3), 128, dtype=np.uint8)
+    png = tf.io.encode_png(grey[0]).numpy()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for request in (
+            client.predict_request("warmup", images=grey),
+            client.predict_request("warmup", image_bytes=[png]),
+        ):
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+            writer.write(log.SerializeToString())
+    return path
+
+
+def read_warmup_requests(path: str) -> list:
+    """The `PredictRequest`s in a warmup file (to check what TF Serving will replay)."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    requests = []
+    for record in tf.data.TFRecordDataset(path):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        requests.append(log.predict_log.request)
+    return requests
+
+
 def export_saved_model(
     model: keras.Model,
     class_names: list[str],
@@ -136,8 +179,12 @@ def export_saved_model(
         # mkdtemp makes the folder private (0700); a server running as another user must read it.
         os.chmod(tmp, 0o755)
         archive.write_out(tmp, verbose=False)
+        extra = os.path.join(tmp, EXTRA_DIR)
+        os.makedirs(extra, exist_ok=True)
+        write_labels(extra, class_names)
+        preprocessing.save(extra)
         if warmup:
-            client.write_warmup_requests(os.path.join(tmp, WARMUP_FILE), preprocessing.image_size)
+            write_warmup_requests(os.path.join(tmp, WARMUP_FILE), preprocessing.image_size)
         while True:  # another export may take a number meanwhile: then take the next one
             target = os.path.join(base_dir, str(max(versions(base_dir), default=0) + 1))
             if os.path.exists(target):
@@ -160,11 +207,37 @@ def resolve_version(path: str) -> str:
         return path
     found = versions(path)
     if not found:
+        hint = "as python -m app.export writes under <export_dir>/saved_model"
+        if os.path.isdir(os.path.join(path, "saved_model")):
+            hint = f"did you mean {os.path.join(path, 'saved_model')}?"
         raise UsageError(
-            f"no SavedModel in {path}: expected saved_model.pb or integer version folders "
-            "(as python -m app.export writes under export/saved_model)"
+            f"no SavedModel in {path}: expected saved_model.pb or integer version folders ({hint})"
         )
     return os.path.join(path, str(found[-1]))
+
+
+def check_contract(path: str, signatures) -> None:
+    """Refuses a SavedModel without this project's serving signatures (another program's).
+
+    Raises:
+        UsageError: naming the signature or input that is missing or of another type.
+    """
+    how = "export the model with python -m app.export"
+    for name, (input_name, dtype, rank) in CONTRACT.items():
+        if name not in signatures:
+            found = ", ".join(sorted(signatures)) or "none"
+            raise UsageError(f"{path} has no {name} signature (it has: {found}); {how}")
+        inputs = signatures[name].structured_input_signature[1]
+        spec = inputs.get(input_name)
+        if spec is None or spec.dtype != dtype or spec.shape.rank != rank:
+            found = ", ".join(f"{k}: {v.dtype.name} {v.shape}" for k, v in inputs.items())
+            raise UsageError(
+                f"{path}: signature {name} takes {found or 'nothing'}, not {input_name}: "
+                f"{dtype.name} of rank {rank}; {how}"
+            )
+        missing = [out for out in OUTPUTS if out not in signatures[name].structured_outputs]
+        if missing:
+            raise UsageError(f"{path}: signature {name} lacks the output {missing[0]}; {how}")
 
 
 @dataclasses.dataclass
@@ -173,6 +246,8 @@ class ServingModel:
 
     path: str
     loaded: object
+    class_names: list[str] | None = None
+    preprocessing: Preprocessing | None = None
 
     @property
     def signatures(self):
@@ -206,6 +281,31 @@ class ServingModel:
 
 
 def load_serving(path: str) -> ServingModel:
-    """Loads a version folder, or the latest version under a model base path."""
+    """Loads a version folder, or the latest version under a model base path, with its
+    labels and preprocessing from `assets.extra` (None for an export older than them).
+
+    Raises:
+        UsageError: no SavedModel there, one that does not load (a missing or truncated
+            `variables/`, a corrupt `saved_model.pb`), or one without the serving signatures.
+    """
     version_dir = resolve_version(path)
-    return ServingModel(version_dir, tf.saved_model.load(version_dir))
+    if not os.path.isdir(os.path.join(version_dir, "variables")):
+        raise UsageError(
+            f"{version_dir} has no variables/ folder: the SavedModel was copied incompletely; "
+            "copy the whole version folder or export it again with python -m app.export"
+        )
+    try:
+        loaded = tf.saved_model.load(version_dir)
+    except Exception as e:  # parse, restore and graph errors all mean "not usable"
+        raise UsageError(
+            f"{version_dir} is not a loadable SavedModel ({type(e).__name__}: {first_line(e)}); "
+            "export it again with python -m app.export"
+        ) from e
+    check_contract(version_dir, loaded.signatures)
+    extra = os.path.join(version_dir, EXTRA_DIR)
+    class_names = preprocessing = None
+    if os.path.isfile(os.path.join(extra, LABELS_FILE)):
+        class_names = read_labels(extra)
+    if os.path.isfile(os.path.join(extra, PREPROCESSING_FILE)):
+        preprocessing = Preprocessing.load(extra)
+    return ServingModel(version_dir, loaded, class_names, preprocessing)

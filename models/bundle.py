@@ -14,14 +14,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import zipfile
+import zlib
 
-from common.errors import UsageError
+from common.errors import UsageError, first_line
 from common.files import write_text_atomic
 from models.preprocessing import FILENAME as PREPROCESSING_FILE
 from models.preprocessing import Preprocessing
 
 LABELS_FILE = "labels.txt"
+# What every Keras 3 `.keras` archive holds.
+KERAS_ARCHIVE_FILES = ("config.json", "model.weights.h5")
 
 
 def write_labels(directory: str, class_names: list[str]) -> str:
@@ -36,6 +41,73 @@ def read_labels(directory: str) -> list[str]:
     path = os.path.join(directory, LABELS_FILE)
     with open(path) as f:
         return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def check_keras_archive(path: str) -> None:
+    """Refuses a `.keras` file that is empty, truncated, corrupt or another program's zip,
+    before Keras reads it (its own error for all of these is "File not found").
+
+    Raises:
+        UsageError: what is wrong with the file, and how to get a good one.
+    """
+    fix = "copy it again from the training run, or retrain"
+    size = os.path.getsize(path)
+    if size == 0:
+        raise UsageError(f"{path} is not a Keras model file: it is empty (0 bytes); {fix}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            damaged = archive.testzip()  # checks every member's CRC
+            config = archive.read("config.json") if "config.json" in names else b"{}"
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+        raise UsageError(
+            f"{path} is not a Keras model file ({size} bytes, {first_line(e)}): truncated by "
+            f"an interrupted copy or save, or another format; {fix}"
+        ) from e
+    missing = [name for name in KERAS_ARCHIVE_FILES if name not in names]
+    if missing:
+        raise UsageError(
+            f"{path} is not a Keras model file: a zip archive without {missing[0]} (from "
+            "another program?); pass the best.keras that app.train writes"
+        )
+    if damaged is not None:
+        raise UsageError(
+            f"{path} is not a Keras model file: corrupt ({damaged} inside fails its checksum); "
+            f"{fix}"
+        )
+    try:
+        json.loads(config)
+    except ValueError as e:
+        raise UsageError(
+            f"{path} is not a Keras model file: corrupt config.json ({first_line(e)}); {fix}"
+        ) from e
+
+
+def check_image_model(path: str, model, preprocessing: Preprocessing, classes: int) -> None:
+    """Refuses a Keras model that does not take `preprocessing`'s images or lacks a class
+    per label (another program's model beside our sidecars).
+
+    Raises:
+        UsageError: naming the shape the model has and the one expected.
+    """
+    size = preprocessing.image_size
+    shape = model.input_shape
+    if not isinstance(shape, tuple) or len(shape) != 4 or shape[-1] != 3:
+        raise UsageError(
+            f"{path} takes input {shape}, not RGB images [batch, {size}, {size}, 3]: not an "
+            "image classifier of this project; pass the best.keras that app.train writes"
+        )
+    if shape[1:3] not in ((size, size), (None, None)):
+        raise UsageError(
+            f"{path} takes {shape[1]}x{shape[2]} images but its {PREPROCESSING_FILE} says "
+            f"{size}: keep the files app.train writes together"
+        )
+    outputs = model.output_shape
+    if not isinstance(outputs, tuple) or len(outputs) != 2 or outputs[-1] != classes:
+        raise UsageError(
+            f"{path} outputs {outputs}, not one score per class of its {LABELS_FILE} "
+            f"({classes} classes): keep the files app.train writes together"
+        )
 
 
 @dataclasses.dataclass
@@ -56,6 +128,11 @@ def load_model_bundle(path: str) -> ModelBundle:
     """
     import keras
 
+    if os.path.isdir(path):
+        raise UsageError(
+            f"{path} is a folder, not a .keras file: pass the model app.train writes, e.g. "
+            "runs/cpu_quick/best.keras"
+        )
     if not os.path.isfile(path):
         raise UsageError(f"model file not found: {path}")
     directory = os.path.dirname(os.path.abspath(path))
@@ -65,14 +142,21 @@ def load_model_bundle(path: str) -> ModelBundle:
                 f"{sidecar} not found next to {path}: keep the files app.train writes "
                 "together with the model"
             )
+    check_keras_archive(path)
+    try:
+        class_names = read_labels(directory)
+        preprocessing = Preprocessing.load(directory)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UsageError(
+            f"{LABELS_FILE} or {PREPROCESSING_FILE} next to {path} cannot be read "
+            f"({type(e).__name__}: {first_line(e)}): keep the files app.train writes together"
+        ) from e
     try:
         model = keras.saving.load_model(path, compile=False)
-    except Exception as e:  # zip/h5/config errors all mean "not a usable .keras file"
-        raise UsageError(f"{path} is not a Keras model file ({type(e).__name__}: {e})") from e
-    class_names = read_labels(directory)
-    outputs = model.output_shape[-1]
-    if outputs != len(class_names):
+    except Exception as e:  # h5/config/layer errors all mean "not a usable .keras file"
         raise UsageError(
-            f"{path} has {outputs} outputs but labels.txt lists {len(class_names)} classes"
-        )
-    return ModelBundle(model, class_names, Preprocessing.load(directory), path)
+            f"{path} is not a Keras model this project can load ({type(e).__name__}: "
+            f"{first_line(e)}); pass the best.keras that app.train writes"
+        ) from e
+    check_image_model(path, model, preprocessing, len(class_names))
+    return ModelBundle(model, class_names, preprocessing, path)

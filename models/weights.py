@@ -27,6 +27,8 @@ import h5py
 import keras
 import numpy as np
 
+from common.errors import UsageError, first_line
+from models.bundle import check_keras_archive
 from models.resnet import HEAD
 
 _BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
@@ -124,13 +126,16 @@ def read_layer_weights(path: str) -> dict[str, list[np.ndarray]]:
         raise WeightsError(f"weights file not found: {path}")
     try:
         if path.endswith(".keras"):
+            check_keras_archive(path)  # empty, truncated, another program's zip
             return _read_keras_file(path)
         return _read_legacy_h5(path)
     except WeightsError:
         raise
+    except UsageError as e:
+        raise WeightsError(str(e)) from e
     except Exception as e:  # h5py/zip/Keras raise many types for a corrupt file
         raise WeightsError(
-            f"{path}: cannot read weights ({type(e).__name__}: {e}); "
+            f"{path}: cannot read weights ({type(e).__name__}: {first_line(e)}); "
             "expected a Keras .h5 weights file or a .keras model"
         ) from e
 
@@ -216,8 +221,8 @@ def load_into(model: keras.Model, weights: str, arch: str) -> list[str]:
             model.load_weights(path)
         except Exception as e:
             raise WeightsError(
-                f"{path} does not fit the model ({type(e).__name__}: {e}); a Keras 3 "
-                ".weights.h5 file must come from the same architecture"
+                f"{path} does not fit the model ({type(e).__name__}: {first_line(e)}); a "
+                "Keras 3 .weights.h5 file must come from the same architecture"
             ) from e
         return []
     return assign_layer_weights(model, read_layer_weights(path), path)

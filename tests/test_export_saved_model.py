@@ -164,7 +164,7 @@ def test_grpc_predict_over_the_wire(served):
 
 def test_warmup_requests_replay_through_both_signatures(served):
     path = os.path.join(served.path, saved_model.WARMUP_FILE)
-    requests = client.read_warmup_requests(path)
+    requests = saved_model.read_warmup_requests(path)
     assert sorted(r.model_spec.signature_name for r in requests) == [
         "serving_bytes",
         "serving_default",
@@ -231,7 +231,7 @@ def test_versions_increment_and_leave_existing_ones_alone(tmp_path, monkeypatch)
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(client, "write_warmup_requests", broken)
+    monkeypatch.setattr(saved_model, "write_warmup_requests", broken)
     with pytest.raises(OSError, match="disk full"):
         saved_model.export_saved_model(model, CLASSES, pre, str(base))
     assert sorted(os.listdir(base)) == ["1", "2", "v0.1"]  # no version 3, no temp folder

@@ -239,3 +239,52 @@ def test_predict_cli_takes_the_highest_saved_model_version(export_dir, images_di
     assert document["format"] == "saved_model"
     assert document["model"] == str(base / "7")
     assert len(document["results"][0]["predictions"]) == 1
+
+
+@pytest.mark.slow
+def test_evaluate_takes_every_exported_format(model_dir, export_dir, cifar10_dir, tmp_path):
+    """app.evaluate on the SavedModel and the float32 .tflite scores what Keras scores,
+    image for image; the class names come from the export."""
+    from app import evaluation
+
+    config = data.DataConfig(data_dir=str(cifar10_dir), eval_limit=60, seed=0)
+    results = {}
+    for name, path in (
+        ("keras", model_dir / "best.keras"),
+        ("saved_model", export_dir / "saved_model"),
+        ("float32", export_dir / "model_float32.tflite"),
+    ):
+        run = evaluation.EvalConfig(
+            str(path), config, "validation", output_dir=str(tmp_path), verbose=0
+        )
+        results[name], paths = evaluation.evaluate(run)
+        tag = "" if name == "keras" else f"_{name}"
+        assert paths["json"] == str(tmp_path / f"eval_validation{tag}.json")
+        assert json.loads(pathlib.Path(paths["json"]).read_text())["format"] == name
+    for name in ("saved_model", "float32"):
+        np.testing.assert_array_equal(results[name].confusion, results["keras"].confusion)
+        assert results[name].loss == pytest.approx(results["keras"].loss, abs=1e-4)
+        assert results[name].class_names == results["keras"].class_names
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_the_int8_model_reads_the_training_runs_data(export_dir, cifar10_dir):
+    """No data flags: report.json names the model the export came from, whose flags.txt
+    names the data; the metrics are those of the int8 model's own answers; the results go
+    into the export folder, named after the format."""
+    proc = run_program(
+        "app.evaluate",
+        f"--model={export_dir / 'model_int8.tflite'}",
+        "--eval_limit=30",
+        "--verbose=0",
+    )
+    assert proc.returncode == 0, proc.stderr
+    document = json.loads((export_dir / "eval_validation_int8.json").read_text())
+    assert document["num_examples"] == 30 and document["format"] == "int8"
+    assert document["data_config"]["data_dir"] == str(cifar10_dir)
+    assert f"top-1 accuracy  {document['top1_accuracy']:.4f}" in proc.stdout
+    assert (export_dir / "confusion_validation_int8.png").is_file()
+    splits = data.load(data.DataConfig(data_dir=str(cifar10_dir), train_limit=1, eval_limit=30))
+    predictor = prediction.load_predictor(str(export_dir / "model_int8.tflite"))
+    answers = predictor.predict(list(splits.validation.images)).argmax(1)
+    assert document["top1_accuracy"] == pytest.approx(np.mean(answers == splits.validation.labels))
