@@ -256,6 +256,33 @@ def test_tfds_data_dir_loads_offline_by_name(tmp_path):
         data.load(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
 
 
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(60)  # TFDS's own retries would take minutes
+def test_tfds_download_without_network_fails_at_once_in_one_line(tmp_path, monkeypatch):
+    """Nothing prepared, downloads enabled, every connection refused (a proxy that is down)."""
+    proxy = f"http://127.0.0.1:{closed_port()}"
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError) as raised:
+        data.load(DataConfig(dataset="cifar10"))
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "TFDS dataset cifar10" in message and "unreachable" in message
+    assert "--data_dir" in message and "DATA_DIR" in message
+    assert not any(tmp_path.iterdir())  # nothing half-downloaded
+
+
 # --- real CIFAR-10 images ---------------------------------------------------------------
 
 

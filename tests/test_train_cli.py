@@ -101,6 +101,7 @@ RECIPES = (
     "cifar10_scratch",
     "cifar10_cpu_quick",
     "cifar10_qat",
+    "folder_finetune",
 )
 # Left to the command line: where the data is, and limits for quick runs.
 NOT_IN_RECIPES = {"data_dir", "train_limit", "eval_limit"}
@@ -330,3 +331,19 @@ def test_sigkilled_run_resumes_mid_epoch(tmp_path, cifar10_dir):
     assert (epoch - 1, step) >= position  # no more than one backup interval redone
     assert [row["epoch"] for row in history_rows(model_dir)] == [1, 2, 3]
     keras.saving.load_model(str(model_dir / "best.keras"))
+
+
+def test_help_lists_the_flags_a_user_sets():
+    """--help shows app.train's own flags and the data flags, not absl's/TensorFlow's."""
+    result = subprocess.run(
+        [sys.executable, "-m", "app.train", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    listed = {line.split(":")[0].strip() for line in result.stdout.splitlines()}
+    for name in ("model_dir", "mixed_precision", "data_dir", "dataset", "train_limit"):
+        assert f"--{name}" in listed, name
+    assert "--verbosity" not in listed  # absl's own, behind --helpfull
