@@ -258,6 +258,20 @@ def test_training_writes_every_file_learns_and_flags_txt_reproduces_it(tmp_path,
             row["val_accuracy"]
         )
         assert logged[("train", "epoch_loss", row["epoch"] - 1)] == pytest.approx(row["loss"])
+    # ... read as TensorBoard (`make tensorboard`) reads them: its scalars, per epoch.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    for split, tags in (
+        ("train", ("epoch_loss", "epoch_accuracy", "epoch_learning_rate")),
+        ("validation", ("epoch_loss", "epoch_accuracy")),
+    ):
+        events = event_accumulator.EventAccumulator(str(model_dir / "logs" / split))
+        events.Reload()
+        for tag in tags:
+            assert events.SummaryMetadata(tag).plugin_data.plugin_name == "scalars", tag
+            shown = {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)}
+            assert shown == {k[2]: v for k, v in logged.items() if k[:2] == (split, tag)}
+            assert sorted(shown) == [0, 1], tag
 
     # flags.txt reproduces the run exactly (--deterministic): same history, same weights.
     again = tmp_path / "again"

@@ -96,7 +96,7 @@ def size_note(examples: Examples, image_size: int, samples: int = 16) -> str | N
 def decode_if_fits(examples: Examples, fixed_shape: bool) -> Examples:
     """Decodes files/encoded bytes once into a uint8 array when all images share a size
     and fit in memory; otherwise returns `examples` unchanged (decoded in the pipeline)."""
-    if examples.images is not None:
+    if examples.images is not None or examples.num_examples == 0:
         return examples
     if examples.files is not None:
         shapes = _header_shapes(examples.files)
