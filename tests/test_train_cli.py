@@ -356,7 +356,7 @@ def test_help_lists_the_flags_a_user_sets():
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Try --helpfull" in result.stdout, result.stderr[-3000:]  # (absl exits 1 here)
     listed = {line.split(":")[0].strip() for line in result.stdout.splitlines()}
     for name in ("model_dir", "mixed_precision", "data_dir", "dataset", "train_limit"):
         assert f"--{name}" in listed, name
