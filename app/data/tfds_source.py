@@ -44,13 +44,18 @@ def tfds_names(root: str) -> list[str]:
 def check_network(name: str) -> None:
     """Raises DataError at once when TFDS could not download `name` (no route, proxy down).
 
-    Uses the proxy settings TFDS's own downloads use (HTTPS_PROXY etc., through requests).
+    Honours the proxy variables TFDS's own downloads honour (HTTPS_PROXY, NO_PROXY, ...).
     """
-    import requests
+    import urllib.error
+    import urllib.request
 
     try:
-        requests.head(PROBE_URL, timeout=PROBE_TIMEOUT_S)
-    except requests.RequestException as e:
+        urllib.request.urlopen(
+            urllib.request.Request(PROBE_URL, method="HEAD"), timeout=PROBE_TIMEOUT_S
+        ).close()
+    except urllib.error.HTTPError:
+        return  # the server answered: the network is there
+    except OSError as e:  # URLError, timeouts, refused connections
         raise DataError(
             f"cannot download TFDS dataset {name}: {PROBE_URL} is unreachable "
             f"({type(e).__name__}; offline, or a proxy refused); pass a local copy with "
