@@ -87,6 +87,7 @@ CPUINFO_ARM = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
         (CPUINFO_AMX, [(7, 5)], "none", "compute capability < 8.0"),  # the GPU computes
         (CPUINFO_AMX, [(8, 6), (7, 0)], "none", "compute capability < 8.0"),
     ],
+    ids=["amx", "avx512_bf16", "avx2", "arm", "no_cpuinfo", "a100_h100", "t4", "a10_v100"],
 )
 def test_auto_precision_is_bf16_only_on_hardware_with_bf16_units(cpuinfo, gpus, expected, why):
     precision, reason = runtime.choose_precision(
