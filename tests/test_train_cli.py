@@ -347,10 +347,18 @@ def test_sigkilled_run_resumes_mid_epoch(tmp_path, cifar10_dir):
     keras.saving.load_model(str(model_dir / "best.keras"))
 
 
-def test_help_lists_the_flags_a_user_sets():
-    """--help shows app.train's own flags and the data flags, not absl's/TensorFlow's."""
+@pytest.mark.parametrize(
+    ("program", "own"),
+    [
+        ("app.train", ("model_dir", "mixed_precision")),
+        ("app.evaluate", ("model", "split")),
+        ("app.visualize", ("output", "split")),
+    ],
+)
+def test_help_lists_the_flags_a_user_sets(program, own):
+    """--help shows the program's own flags and the data flags, not absl's/TensorFlow's."""
     result = subprocess.run(
-        [sys.executable, "-m", "app.train", "--help"],
+        [sys.executable, "-m", program, "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -358,6 +366,6 @@ def test_help_lists_the_flags_a_user_sets():
     )
     assert "Try --helpfull" in result.stdout, result.stderr[-3000:]  # (absl exits 1 here)
     listed = {line.split(":")[0].strip() for line in result.stdout.splitlines()}
-    for name in ("model_dir", "mixed_precision", "data_dir", "dataset", "train_limit"):
+    for name in (*own, "data_dir", "dataset", "train_limit", "eval_limit"):
         assert f"--{name}" in listed, name
     assert "--verbosity" not in listed  # absl's own, behind --helpfull
