@@ -1,15 +1,20 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   the main job (DATA_DIR=... for a local copy of CIFAR-10, else TFDS downloads it)
 #   make test    lint + format check + the whole test suite (slow tests included)
+# Another recipe: make train RECIPE=app/configs/cifar10_tutorial.flags (it writes into its own
+# --model_dir; MODEL_DIR=... overrides it). make tensorboard RUN=runs/cpu_quick shows a run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RECIPE ?= app/configs/cifar10_cpu_quick.flags
-MODEL_DIR ?= runs/cpu_quick
+# Unset: the recipe's own --model_dir.
+MODEL_DIR ?=
+# The run `make tensorboard` shows: MODEL_DIR, else RUN, else every run under runs/.
+RUN ?= $(or $(MODEL_DIR),runs)
 DATA_DIR ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv train test test-fast lint format bench clean
+.PHONY: venv train tensorboard test test-fast lint format bench clean
 
 venv: $(VENV)/.installed
 
@@ -20,8 +25,12 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 train: venv
-	$(PY) -m app.train --flagfile=$(RECIPE) --model_dir=$(MODEL_DIR) \
+	$(PY) -m app.train --flagfile=$(RECIPE) $(if $(MODEL_DIR),--model_dir=$(MODEL_DIR)) \
 		$(if $(DATA_DIR),--data_dir=$(DATA_DIR))
+
+# The scalars of a run (loss, accuracy, learning rate per epoch), on http://localhost:6006.
+tensorboard: venv
+	$(VENV)/bin/tensorboard --logdir=$(RUN)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,9 @@
 """The data flags the programs share, and their read-back from a training run's flags.txt.
 
-A program calls `define_data_flags()` in its `define_flags()` and, inside `main`,
-`data_config_from_flags(seed)` (each program owns its seed flag). `app.train` writes its
+A program calls `define_data_flags()` in its `define_flags()`, then
+`flags.adopt_module_key_flags(data_flags)` so that its `--help` lists them (absl lists only
+the main module's key flags), and, inside `main`, `data_config_from_flags(seed)` (each
+program owns its seed flag). `app.train` writes its
 flags to `flags.txt` beside the model; `training_run_flags` reads them back, so
 `app.evaluate` and `app.export` read the training run's data with its seed and validation
 fraction (the same held-out images) unless told otherwise.

@@ -69,6 +69,7 @@ def define_flags() -> None:
     _VERBOSE = flags.DEFINE_integer("verbose", 1, "1: progress bar; 0: quiet.", lower_bound=0)
     flags.mark_flag_as_required("model")
     data_flags.define_data_flags()
+    flags.adopt_module_key_flags(data_flags)  # listed by --help
 
 
 def data_config(model_path: str) -> DataConfig:

@@ -70,6 +70,8 @@ def define_flags() -> None:
     before = set(FLAGS)
     data_flags.define_data_flags()
     _RECORDED.extend(name for name in FLAGS if name not in before)
+    # --help lists only this module's key flags: the data flags are set by users too.
+    flags.adopt_module_key_flags(data_flags)
 
 
 def flags_text() -> str:

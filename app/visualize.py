@@ -19,6 +19,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     data_flags.define_data_flags()
+    flags.adopt_module_key_flags(data_flags)  # listed by --help
     flags.DEFINE_string("output", "samples.png", "PNG file to write.")
     flags.DEFINE_integer("num", 6, "Number of images to draw.", lower_bound=1, upper_bound=100)
     flags.DEFINE_enum("split", "train", data.SPLITS, "Which split to draw from.")

@@ -186,11 +186,43 @@ def test_image_that_fails_to_decode_after_a_valid_header_is_named(tmp_path):
         data.load(DataConfig(data_dir=str(tmp_path)))
 
 
-@pytest.mark.parametrize("split", [0.0, 1.0])
-def test_validation_split_of_0_or_1_is_an_error_when_a_holdout_is_needed(tmp_path, split):
+def test_validation_split_of_1_is_an_error(tmp_path):
     write_folder(tmp_path)
-    with pytest.raises(DataError, match=f"--validation_split={split}"):
-        data.load(DataConfig(data_dir=str(tmp_path), validation_split=split))
+    with pytest.raises(DataError, match=r"--validation_split=1\.0"):
+        data.load(DataConfig(data_dir=str(tmp_path), validation_split=1.0))
+
+
+def test_validation_split_of_0_needs_a_validation_split_when_there_is_a_test_split(tmp_path):
+    write_folder(tmp_path / "train")
+    write_folder(tmp_path / "test")
+    with pytest.raises(DataError, match=r"--validation_split=0\.0"):
+        data.load(DataConfig(data_dir=str(tmp_path), validation_split=0.0))
+
+
+@pytest.mark.parametrize("layout", ["test_only", "classes_at_split_0"])
+def test_evaluation_folders_are_all_test(tmp_path, layout):
+    """Only test/<class>/, or only <class>/ with nothing held out: every image is test."""
+    root = tmp_path / "test" if layout == "test_only" else tmp_path
+    write_folder(root, per_class=3)
+    split = 0.1 if layout == "test_only" else 0.0
+    splits = data.load(DataConfig(data_dir=str(tmp_path), validation_split=split, train_limit=1))
+    assert splits.evaluation_only and "evaluation only" in splits.summary()
+    assert splits.test.num_examples == 6 and list(np.bincount(splits.test.labels)) == [3, 3]
+    assert splits.train.num_examples == 0 and splits.validation.num_examples == 0
+    assert splits.class_names == ["cat", "dog"]
+
+
+def test_size_note_when_images_are_far_from_image_size(tmp_path):
+    for i, shape in enumerate([(8, 8), (8, 11), (9, 12)]):
+        write_png(tmp_path / f"{i}.png", np.zeros((*shape, 3), np.uint8))
+    files = data.Examples(np.zeros(3, np.int64), files=np.array(sorted(tmp_path.iterdir())))
+    in_memory = data.Examples(np.zeros(2, np.int64), images=np.zeros((2, 8, 8, 3), np.uint8))
+    for examples in (files, in_memory):
+        assert data.size_note(examples, 8) is None
+        assert data.size_note(examples, 40) is None  # 5x: close enough
+        note = data.size_note(examples, 224)
+        assert "about 8 px" in note and "upsamples them 28x" in note
+        assert "shrinks them 8x" in data.size_note(examples, 1)
 
 
 def test_holdout_and_limits_are_deterministic_stratified_and_disjoint(tmp_path):
@@ -254,6 +286,33 @@ def test_tfds_data_dir_loads_offline_by_name(tmp_path):
     assert splits.train.num_examples + splits.validation.num_examples == 16
     with pytest.raises(DataError, match=r"--dataset=cifar10 not found .*it holds: tiny_images"):
         data.load(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(60)  # TFDS's own retries would take minutes
+def test_tfds_download_without_network_fails_at_once_in_one_line(tmp_path, monkeypatch):
+    """Nothing prepared, downloads enabled, every connection refused (a proxy that is down)."""
+    proxy = f"http://127.0.0.1:{closed_port()}"
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError) as raised:
+        data.load(DataConfig(dataset="cifar10"))
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "TFDS dataset cifar10" in message and "unreachable" in message
+    assert "--data_dir" in message and "DATA_DIR" in message
+    assert not any(tmp_path.iterdir())  # nothing half-downloaded
 
 
 # --- real CIFAR-10 images ---------------------------------------------------------------

@@ -101,6 +101,7 @@ RECIPES = (
     "cifar10_scratch",
     "cifar10_cpu_quick",
     "cifar10_qat",
+    "folder_finetune",
 )
 # Left to the command line: where the data is, and limits for quick runs.
 NOT_IN_RECIPES = {"data_dir", "train_limit", "eval_limit"}
@@ -257,6 +258,20 @@ def test_training_writes_every_file_learns_and_flags_txt_reproduces_it(tmp_path,
             row["val_accuracy"]
         )
         assert logged[("train", "epoch_loss", row["epoch"] - 1)] == pytest.approx(row["loss"])
+    # ... read as TensorBoard (`make tensorboard`) reads them: its scalars, per epoch.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    for split, tags in (
+        ("train", ("epoch_loss", "epoch_accuracy", "epoch_learning_rate")),
+        ("validation", ("epoch_loss", "epoch_accuracy")),
+    ):
+        events = event_accumulator.EventAccumulator(str(model_dir / "logs" / split))
+        events.Reload()
+        for tag in tags:
+            assert events.SummaryMetadata(tag).plugin_data.plugin_name == "scalars", tag
+            shown = {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)}
+            assert shown == {k[2]: v for k, v in logged.items() if k[:2] == (split, tag)}
+            assert sorted(shown) == [0, 1], tag
 
     # flags.txt reproduces the run exactly (--deterministic): same history, same weights.
     again = tmp_path / "again"
@@ -330,3 +345,27 @@ def test_sigkilled_run_resumes_mid_epoch(tmp_path, cifar10_dir):
     assert (epoch - 1, step) >= position  # no more than one backup interval redone
     assert [row["epoch"] for row in history_rows(model_dir)] == [1, 2, 3]
     keras.saving.load_model(str(model_dir / "best.keras"))
+
+
+@pytest.mark.parametrize(
+    ("program", "own"),
+    [
+        ("app.train", ("model_dir", "mixed_precision")),
+        ("app.evaluate", ("model", "split")),
+        ("app.visualize", ("output", "split")),
+    ],
+)
+def test_help_lists_the_flags_a_user_sets(program, own):
+    """--help shows the program's own flags and the data flags, not absl's/TensorFlow's."""
+    result = subprocess.run(
+        [sys.executable, "-m", program, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Try --helpfull" in result.stdout, result.stderr[-3000:]  # (absl exits 1 here)
+    listed = {line.split(":")[0].strip() for line in result.stdout.splitlines()}
+    for name in (*own, "data_dir", "dataset", "train_limit", "eval_limit"):
+        assert f"--{name}" in listed, name
+    assert "--verbosity" not in listed  # absl's own, behind --helpfull

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from app.training import callbacks
+from app.training import callbacks, runtime
 from app.training.backup import (
     RunState,
     assign,
@@ -65,6 +65,46 @@ def test_check_config_names_the_bad_flag(changes, flag):
 
 def test_check_config_accepts_the_defaults():
     check_config(TrainConfig(model_dir="x"))
+
+
+# /proc/cpuinfo excerpts: a Sapphire Rapids server (AMX), a Zen 4 (AVX512-BF16 only), a
+# Skylake laptop (AVX2, no bf16 units), an Arm (Graviton 3: bf16 in `Features`, not ours).
+CPUINFO_AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile amx_int8\n"
+CPUINFO_AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
+CPUINFO_AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t: amx_bf16\n"
+CPUINFO_ARM = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "gpus", "expected", "why"),
+    [
+        (CPUINFO_AMX, [], "bf16", "amx_bf16"),
+        (CPUINFO_AVX512_BF16, [], "bf16", "avx512_bf16"),
+        (CPUINFO_AVX2, [], "none", "neither AMX nor AVX512-BF16"),  # the first CPU's flags
+        (CPUINFO_ARM, [], "none", "neither"),
+        (None, [], "none", "no /proc/cpuinfo"),
+        (CPUINFO_AVX2, [(8, 0), (9, 0)], "bf16", "compute capability 8.0+"),
+        (CPUINFO_AMX, [(7, 5)], "none", "compute capability < 8.0"),  # the GPU computes
+        (CPUINFO_AMX, [(8, 6), (7, 0)], "none", "compute capability < 8.0"),
+    ],
+    ids=["amx", "avx512_bf16", "avx2", "arm", "no_cpuinfo", "a100_h100", "t4", "a10_v100"],
+)
+def test_auto_precision_is_bf16_only_on_hardware_with_bf16_units(cpuinfo, gpus, expected, why):
+    precision, reason = runtime.choose_precision(
+        "auto", cpuinfo_text=cpuinfo, gpu_capabilities=gpus
+    )
+    assert (precision, why in reason) == (expected, True), reason
+
+
+def test_auto_precision_keeps_explicit_values_and_qat_float32():
+    for requested in ("none", "bf16", "fp16"):
+        got = runtime.choose_precision(requested, cpuinfo_text=CPUINFO_AVX2, gpu_capabilities=[])
+        assert got == (requested, f"--mixed_precision={requested}")
+    qat = runtime.choose_precision("auto", cpuinfo_text=CPUINFO_AMX, gpu_capabilities=[], qat=True)
+    assert qat[0] == "none"
+    tpu = runtime.choose_precision("auto", cpuinfo_text=None, gpu_capabilities=[], tpu=True)
+    assert tpu[0] == "bf16"
+    check_config(TrainConfig(model_dir="x", mixed_precision="auto", qat=True, pretrained=__file__))
 
 
 def test_multi_worker_without_tf_config_is_a_usage_error(monkeypatch):

@@ -42,6 +42,7 @@ from app.data.types import (
 )
 
 if TYPE_CHECKING:
+    from app.data.decode import size_note
     from app.data.image_folder import IMAGE_EXTENSIONS
     from app.data.loading import load
     from app.data.pipeline import eval_dataset, steps_per_epoch, train_dataset
@@ -56,6 +57,7 @@ _LAZY = {
     "steps_per_epoch": "pipeline",
     "train_dataset": "pipeline",
     "sample_images": "samples",
+    "size_note": "decode",
 }
 
 
@@ -84,6 +86,7 @@ __all__ = (
     "eval_dataset",
     "load",
     "sample_images",
+    "size_note",
     "steps_per_epoch",
     "train_dataset",
 )

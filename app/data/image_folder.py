@@ -1,5 +1,6 @@
 """Reads an image-folder tree: `<class>/*.jpg|png`, or `train/`, `validation/` (or `val/`)
-and `test/` folders of those. Lists files only; decoding happens later (`decode`)."""
+and `test/` folders of those (a tree without `train/` is evaluation data). Lists files
+only; decoding happens later (`decode`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import numpy as np
 from app.data.types import SOURCE_IMAGE_FOLDER, DataError, Examples, RawSplits
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The split folders of a tree, by split; the first name present is used.
+SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
 
 
 def _is_image_file(name: str) -> bool:
@@ -23,9 +26,20 @@ def subdirs(path: str) -> list[str]:
     )
 
 
+def _split_dirs(root: str) -> dict[str, str]:
+    """The split folders (`train/`, `validation/` or `val/`, `test/`) present in `root`."""
+    found = {}
+    for split, names in SPLIT_FOLDERS.items():
+        for name in names:
+            if os.path.isdir(os.path.join(root, name)):
+                found[split] = os.path.join(root, name)
+                break
+    return found
+
+
 def looks_like_image_folder(root: str) -> bool:
-    """`root` has a `train/` folder, or a class folder with an image file in it."""
-    if os.path.isdir(os.path.join(root, "train")):
+    """`root` has split folders (`train/`, `test/`, ...), or a class folder with an image."""
+    if _split_dirs(root):
         return True
     return any(
         any(_is_image_file(f) for f in os.listdir(os.path.join(root, d))) for d in subdirs(root)
@@ -54,29 +68,23 @@ def _list_classes(split_dir: str) -> tuple[list[str], list[str], list[int]]:
 def load_image_folder(root: str) -> RawSplits:
     """The tree's splits as file paths; class names are the sorted class-folder names.
 
+    Only `<class>/` folders: they are train. Split folders without `train/` (only `test/`,
+    say): evaluation data, with no train split.
+
     Raises:
         DataError: no class folders, an empty class folder, or splits whose classes differ.
     """
-    split_dirs = {"train": os.path.join(root, "train")}
-    if not os.path.isdir(split_dirs["train"]):
-        split_dirs = {"train": root}
-    else:
-        for split, names in (("validation", ("validation", "val")), ("test", ("test",))):
-            for name in names:
-                if os.path.isdir(os.path.join(root, name)):
-                    split_dirs[split] = os.path.join(root, name)
-                    break
-    class_names, files, labels = _list_classes(split_dirs["train"])
-    raw = {"train": (files, labels)}
-    for split in ("validation", "test"):
-        if split in split_dirs:
-            names, f, lab = _list_classes(split_dirs[split])
-            if names != class_names:
-                raise DataError(
-                    f"class folders of {split_dirs[split]} ({', '.join(names)}) differ from "
-                    f"those of {split_dirs['train']} ({', '.join(class_names)}); make them match"
-                )
-            raw[split] = (f, lab)
+    split_dirs = _split_dirs(root) or {"train": root}
+    raw, class_names, first = {}, None, None
+    for split, split_dir in split_dirs.items():
+        names, f, lab = _list_classes(split_dir)
+        if class_names is not None and names != class_names:
+            raise DataError(
+                f"class folders of {split_dir} ({', '.join(names)}) differ from "
+                f"those of {first} ({', '.join(class_names)}); make them match"
+            )
+        class_names, first = names, first or split_dir
+        raw[split] = (f, lab)
     out = {
         split: Examples(
             np.asarray(lab, np.int64), files=np.asarray(f, dtype=object), origin=split_dirs[split]
@@ -84,5 +92,5 @@ def load_image_folder(root: str) -> RawSplits:
         for split, (f, lab) in raw.items()
     }
     return RawSplits(
-        out["train"], out.get("validation"), out.get("test"), class_names, SOURCE_IMAGE_FOLDER
+        out.get("train"), out.get("validation"), out.get("test"), class_names, SOURCE_IMAGE_FOLDER
     )

@@ -38,8 +38,29 @@ def _limit(examples: Examples, limit: int | None, seed: int, salt: int) -> Examp
     )
 
 
+def _evaluation_only(raw: RawSplits, config: DataConfig) -> RawSplits | None:
+    """`raw` as evaluation data (empty train, all of it test), or None when it trains.
+
+    That is data with no train split (an image folder with only test/), or data with
+    neither validation nor test at --validation_split=0 (a folder of <class>/ folders meant
+    for evaluation: nothing held out, all of it is evaluated).
+    """
+    if raw.train is None:
+        test = raw.test if raw.test is not None else raw.validation
+    elif raw.validation is None and raw.test is None and config.validation_split == 0:
+        test = raw.train
+    else:
+        return None
+    empty = test.subset(np.arange(0))
+    validation = raw.validation if raw.validation is not None else empty
+    return RawSplits(empty, validation, test, raw.class_names, raw.source, raw.fixed_shape)
+
+
 def finish(raw: RawSplits, config: DataConfig) -> Splits:
     """`raw` checked, with validation held out (when it has none), limited and decoded.
+
+    Evaluation data (`_evaluation_only`) gets empty train and, when it has none of its
+    own, empty validation splits; training on it fails for want of examples.
 
     Raises:
         DataError: an empty split, a label out of range, or a hold-out that leaves a split empty.
@@ -55,6 +76,9 @@ def finish(raw: RawSplits, config: DataConfig) -> Splits:
             raise DataError(
                 f"{ex.origin}: label {ex.labels[bad[0]]} is out of range [0, {num_classes})"
             )
+    evaluation = _evaluation_only(raw, config)
+    if evaluation is not None:
+        raw = evaluation
     train, validation = raw.train, raw.validation
     held_out = validation is None
     if held_out:

@@ -13,6 +13,11 @@ from app.data.image_folder import subdirs
 from app.data.types import SOURCE_TFDS, SPLITS, DataError, Examples, RawSplits
 from common.errors import first_line
 
+# Probed before TFDS downloads (its mirror of most datasets is there): offline or behind a
+# proxy that refuses, TFDS would retry each URL ten times with backoff, minutes in all.
+PROBE_URL = "https://storage.googleapis.com"
+PROBE_TIMEOUT_S = 10.0
+
 
 def tfds_names(root: str) -> list[str]:
     """Datasets prepared in a TFDS data dir: `<name>/<version>/dataset_info.json` or
@@ -36,6 +41,29 @@ def tfds_names(root: str) -> list[str]:
     return names
 
 
+def check_network(name: str) -> None:
+    """Raises DataError at once when TFDS could not download `name` (no route, proxy down).
+
+    Honours the proxy variables TFDS's own downloads honour (HTTPS_PROXY, NO_PROXY, ...).
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(
+            urllib.request.Request(PROBE_URL, method="HEAD"), timeout=PROBE_TIMEOUT_S
+        ).close()
+    except urllib.error.HTTPError:
+        return  # the server answered: the network is there
+    except OSError as e:  # URLError, timeouts, refused connections
+        raise DataError(
+            f"cannot download TFDS dataset {name}: {PROBE_URL} is unreachable "
+            f"({type(e).__name__}; offline, or a proxy refused); pass a local copy with "
+            "--data_dir=DIR (make train DATA_DIR=DIR), e.g. CIFAR-10's python batches or "
+            "an image folder"
+        ) from e
+
+
 def load_tfds(name: str, data_dir: str | None) -> RawSplits:
     """Splits train/validation/test of TFDS dataset `name` as encoded images in memory.
 
@@ -56,6 +84,7 @@ def load_tfds(name: str, data_dir: str | None) -> RawSplits:
         extra = f" (it holds: {', '.join(found)})" if found else ""
         raise DataError(f"--dataset={name} not found in {where}{extra}: {first_line(e)}") from e
     if data_dir is None and not builder.is_prepared():
+        check_network(name)
         try:
             builder.download_and_prepare()
         except ModuleNotFoundError as e:  # tensorflow/datasets#11212 on Python >= 3.9
@@ -66,8 +95,8 @@ def load_tfds(name: str, data_dir: str | None) -> RawSplits:
         except Exception as e:
             raise DataError(
                 f"could not download TFDS dataset {name} ({type(e).__name__}: "
-                f"{first_line(e) if str(e) else ''}); check the network or pass "
-                "--data_dir with a local copy"
+                f"{first_line(e) if str(e) else ''}); check the network or pass a local copy "
+                "with --data_dir (make train DATA_DIR=...)"
             ) from e
     elif not builder.is_prepared():
         found = tfds_names(data_dir)

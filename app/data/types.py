@@ -95,7 +95,8 @@ class Splits:
 
     Attributes:
         train, validation: always present (validation is held out of train when the data
-            has no validation split of its own).
+            has no validation split of its own); both empty for evaluation data (a folder
+            with no train split, or --validation_split=0 on one with no other split).
         test: None when the data has no test split.
         class_names: names in label-index order.
         source: the format recognised: "tfds", "cifar-python-batches" or "image-folder".
@@ -109,7 +110,17 @@ class Splits:
     source: str
     validation_held_out: bool = False
 
+    @property
+    def evaluation_only(self) -> bool:
+        """No training examples: the data is all test (and validation, if it has one)."""
+        return self.train.num_examples == 0
+
     def summary(self) -> str:
+        if self.evaluation_only:
+            return (
+                f"{self.source} data from {self.test.origin}: evaluation only (no train "
+                f"split), test {self.test.num_examples}; {len(self.class_names)} classes"
+            )
         parts = [f"train {self.train.num_examples}", f"validation {self.validation.num_examples}"]
         if self.validation_held_out:
             parts[-1] += " (held out of train)"
@@ -126,7 +137,7 @@ class RawSplits:
     """What a source reader returns: the splits as stored, before `splits.finish` holds
     out validation, applies the limits and decodes what fits in memory."""
 
-    train: Examples
+    train: Examples | None  # None: evaluation data (an image folder with only test/, say)
     validation: Examples | None
     test: Examples | None
     class_names: list[str]

@@ -22,6 +22,8 @@ STEMS = ("imagenet", "cifar")
 STRIDES = ("auto", "1x1", "3x3")
 NORMALIZATIONS = ("auto", "cifar", "imagenet")
 PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+# --mixed_precision=auto: bf16 where the hardware has bf16 units, else none (runtime.py).
+AUTO_PRECISION = "auto"
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRETRAINED_NONE = "none"
 PRETRAINED_IMAGENET = "imagenet"
@@ -138,7 +140,7 @@ class TrainConfig:
         "Quantization-aware fine-tuning of --pretrained=RUN/best.keras for model_int8.tflite: "
         "also runs the model with weights and activations rounded as full-int8 LiteRT rounds "
         "them, and trains that twin towards the float model's probabilities (batch norm "
-        "frozen, float32: needs --mixed_precision=none). best.keras stays a plain float "
+        "frozen, float32: needs --mixed_precision=none or auto). best.keras stays a plain float "
         "model. A few epochs at a small --lr (e.g. 0.005); see BUILD.md, Export.",
     )
     qat_weight: float = _setting(
@@ -151,8 +153,10 @@ class TrainConfig:
     mixed_precision: str = _setting(
         "none",
         "Compute precision: none (float32), bf16 (mixed_bfloat16), fp16 (mixed_float16, "
-        "with loss scaling).",
-        choices=tuple(PRECISIONS),
+        "with loss scaling); auto: bf16 where the hardware has bf16 units (a CPU with AMX "
+        "or AVX512-BF16, a GPU of compute capability 8.0+, a TPU), else none. The run's "
+        "first line says which, and why.",
+        choices=(AUTO_PRECISION, *PRECISIONS),
     )
     seed: int = _setting(0, "Seed of initialisation, data order, augmentation, split.")
     deterministic: bool = _setting(
@@ -249,8 +253,12 @@ def check_config(config: TrainConfig) -> None:
         raise bad("stride_on", config.stride_on, "is unknown; choose auto, 1x1 or 3x3")
     if config.strategy not in STRATEGIES:
         raise bad("strategy", config.strategy, f"is unknown; choose one of {STRATEGIES}")
-    if config.mixed_precision not in PRECISIONS:
-        raise bad("mixed_precision", config.mixed_precision, f"must be one of {list(PRECISIONS)}")
+    if config.mixed_precision not in (AUTO_PRECISION, *PRECISIONS):
+        raise bad(
+            "mixed_precision",
+            config.mixed_precision,
+            f"must be one of {[AUTO_PRECISION, *PRECISIONS]}",
+        )
     if config.normalization not in NORMALIZATIONS:
         raise bad("normalization", config.normalization, "must be auto, cifar or imagenet")
     positive = {
@@ -306,7 +314,7 @@ def _check_qat(config: TrainConfig, bad) -> None:
                 True,
                 "fine-tunes a model trained on your classes: pass --pretrained=RUN/best.keras",
             )
-        if config.mixed_precision != "none":
+        if config.mixed_precision not in ("none", AUTO_PRECISION):
             raise bad(
                 "qat",
                 True,

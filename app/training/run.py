@@ -176,6 +176,9 @@ class Run:
             f"({type(self.strategy).__name__})"
             + (f", steps_per_execution {spe}" if spe > 1 else "")
         )
+        size_note = data.size_note(self.splits.train, c.image_size)
+        if size_note:
+            self.say(f"note: {size_note}")
         if c.mixed_precision == "fp16" and not tf.config.list_logical_devices("GPU"):
             self.say(
                 "note: --mixed_precision=fp16 is emulated on CPUs and very slow; use bf16 or none"

@@ -20,7 +20,7 @@ import keras
 
 from app.training import workarounds
 from app.training.backup import backup_path
-from app.training.config import PRECISIONS, STRATEGIES, TrainConfig
+from app.training.config import AUTO_PRECISION, PRECISIONS, STRATEGIES, TrainConfig
 from common.errors import UsageError, first_line
 
 if TYPE_CHECKING:
@@ -31,8 +31,89 @@ class WorkerLostError(RuntimeError):
     """Another worker of a multi-worker job died or stopped answering."""
 
 
-def configure_runtime(config: TrainConfig) -> None:
-    """Process-wide TF settings; must run before TensorFlow executes anything."""
+# CPU flags (Linux /proc/cpuinfo) of units that compute bfloat16 natively: without them
+# oneDNN emulates bf16, and mixed_bfloat16 runs slower than float32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags(cpuinfo_text: str) -> set[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo text (x86 `flags`, Arm `Features`)."""
+    for line in cpuinfo_text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def choose_precision(
+    requested: str,
+    *,
+    cpuinfo_text: str | None,
+    gpu_capabilities: list[tuple[int, int]],
+    tpu: bool = False,
+    qat: bool = False,
+) -> tuple[str, str]:
+    """The --mixed_precision a run uses, and why (resolves `auto`; others are kept).
+
+    Args:
+        requested: the flag's value.
+        cpuinfo_text: /proc/cpuinfo's text; None where there is none (macOS, Windows).
+        gpu_capabilities: the (major, minor) CUDA compute capability of each GPU.
+        tpu: the run is on TPUs (bf16 units).
+        qat: quantization-aware training (rounds as int8 does, in float32).
+
+    Returns:
+        (one of PRECISIONS, the reason in a few words).
+    """
+    if requested != AUTO_PRECISION:
+        return requested, f"--mixed_precision={requested}"
+    if qat:
+        return "none", "--qat rounds activations as int8 does, in float32"
+    if tpu:
+        return "bf16", "TPUs compute in bfloat16"
+    if gpu_capabilities:
+        if min(gpu_capabilities) >= (8, 0):
+            return "bf16", "the GPUs have bf16 units (compute capability 8.0+)"
+        return "none", "a GPU without bf16 units (compute capability < 8.0; fp16 may help)"
+    if cpuinfo_text is None:
+        return "none", "no /proc/cpuinfo to tell whether this CPU has bf16 units"
+    units = sorted(cpu_flags(cpuinfo_text) & set(BF16_CPU_FLAGS))
+    if units:
+        return "bf16", f"this CPU has {' and '.join(units)}"
+    return "none", "this CPU has neither AMX nor AVX512-BF16 (bf16 would be emulated, slower)"
+
+
+def resolve_precision(config: TrainConfig) -> tuple[str, str]:
+    """`choose_precision` for this machine: its /proc/cpuinfo and GPUs."""
+    import tensorflow as tf
+
+    cpuinfo = None
+    if os.path.isfile(CPUINFO):
+        with open(CPUINFO) as f:
+            cpuinfo = f.read()
+    capabilities = []
+    if config.mixed_precision == AUTO_PRECISION and config.strategy != "tpu":
+        for gpu in tf.config.list_physical_devices("GPU"):
+            details = tf.config.experimental.get_device_details(gpu)
+            capabilities.append(tuple(details.get("compute_capability", (0, 0))))
+    return choose_precision(
+        config.mixed_precision,
+        cpuinfo_text=cpuinfo,
+        gpu_capabilities=capabilities,
+        tpu=config.strategy == "tpu",
+        qat=config.qat,
+    )
+
+
+def configure_runtime(config: TrainConfig) -> str:
+    """Process-wide TF settings; must run before TensorFlow executes anything.
+
+    Prints the precision the run computes in, and why (its first line).
+
+    Returns:
+        The precision used (a key of PRECISIONS; `auto` resolved).
+    """
     import tensorflow as tf
 
     if config.intra_op_threads:
@@ -47,11 +128,14 @@ def configure_runtime(config: TrainConfig) -> None:
         )
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(PRECISIONS[config.mixed_precision])
+    precision, why = resolve_precision(config)
+    print(f"Precision: {PRECISIONS[precision]} ({why})", flush=True)
+    keras.mixed_precision.set_global_policy(PRECISIONS[precision])
     if config.strategy == "multi_worker_mirrored":
         workarounds.configure_coordination_service(
             config.heartbeat_timeout, config.collective_timeout
         )
+    return precision
 
 
 def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
