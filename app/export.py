@@ -1,10 +1,14 @@
-r"""Exports a trained model for TF Serving (SavedModel) and phones (.tflite), and checks each.
+r"""Exports a trained model for TF Serving, phones and ONNX Runtime, and checks each format.
 
-Writes under --export_dir (default: export/ beside the model): saved_model/<version>/ (the next
-integer version; existing versions are left alone), model_float32.tflite,
-model_float16.tflite, model_dynamic_int8.tflite, model_int8.tflite, labels.txt,
-preprocessing.json, and report.json + report.md (size, batch-1 latency and agreement with the
-Keras model on real images, for every format).
+Writes under --export_dir (default: export/ beside the model):
+- saved_model/<version>/: the next integer version (existing versions are left alone);
+  saved_model/ is TF Serving's --model_base_path;
+- model_float32.tflite, model_float16.tflite, model_dynamic_int8.tflite, model_int8.tflite,
+  each with TFLite metadata (labels, input normalisation);
+- model.onnx (ONNX Runtime, Triton, OpenVINO);
+- labels.txt, preprocessing.json;
+- report.json + report.md (size, batch-1 latency and agreement with the Keras model on real
+  images, for every format) and model_card.md (data, training flags, accuracy, formats).
 
 Real images: a stratified sample of the training split calibrates model_int8.tflite; another of
 the test split (or else the validation split held out of train, with the training run's seed

@@ -8,13 +8,15 @@ compares on).
 Modules (importing `export` itself loads nothing heavy; each module imports TensorFlow):
 - `export.graph`: the shared serving computation (normalise, model, softmax) in float32.
 - `export.saved_model`: the TF Serving SavedModel (`serving_default`, `serving_bytes`),
-  integer versions, `load_serving` to run it.
+  integer versions, warm-up records (`write_warmup_requests`, `read_warmup_requests`),
+  `load_serving` to run it.
 - `export.tflite`: float32 / float16 / dynamic-range int8 / full-int8 `.tflite` conversion and
   `TFLiteClassifier`, the one LiteRT runner.
 - `export.metadata`: the TFLite model metadata (labels, input normalisation) in every `.tflite`.
 - `export.onnx`: `model.onnx` (Keras' ONNX export) and `ONNXClassifier` (ONNX Runtime).
 - `export.model_card`: `model_card.md`, written from the report.
-- `export.client`: TF Serving requests (gRPC `PredictRequest`, REST JSON) and warmup records.
+- `export.client`: the TF Serving client (REST/gRPC requests, `python -m export.client`);
+  no TensorFlow needed for REST.
 - `export.images`: image arrays as the models take them (`Sample`, `to_model_input`).
 - `export.report`: size, latency and agreement of every format against Keras.
 - `export.exporter`: `export_all`, every format plus the report, into one folder.

@@ -155,10 +155,10 @@ def current_learning_rate(optimizer) -> float:
 class EpochSummaries(keras.callbacks.Callback):
     """Per-epoch TensorBoard scalars: logs/train and logs/validation, Keras' tag names.
 
-    Keras' TensorBoard callback needs the `tensorboard` package, which TensorFlow 2.21
-    no longer installs; the epoch scalars (all this program logs) need only TF's own
-    `tf.summary.write` with the scalars plugin's metadata, as TensorBoard itself does.
-    View them with `tensorboard --logdir=<model_dir>/logs` (pip install tensorboard).
+    Keras' TensorBoard callback needs the `tensorboard` package at training time; the epoch
+    scalars (all this program logs) need only TF's own `tf.summary.write` with the scalars
+    plugin's metadata, as TensorBoard itself does. View them with
+    `make tensorboard RUN=<model_dir>` (requirements.txt pins `tensorboard`).
     """
 
     def __init__(self, log_dir: str):
