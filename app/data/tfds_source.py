@@ -49,8 +49,10 @@ def check_network(name: str) -> None:
     import urllib.error
     import urllib.request
 
+    # A fresh opener: urlopen's global one keeps the proxy settings of its first use.
+    opener = urllib.request.build_opener()
     try:
-        urllib.request.urlopen(
+        opener.open(
             urllib.request.Request(PROBE_URL, method="HEAD"), timeout=PROBE_TIMEOUT_S
         ).close()
     except urllib.error.HTTPError:
