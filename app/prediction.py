@@ -32,6 +32,7 @@ from models.preprocessing import Preprocessing, resize
 
 KERAS_SUFFIX = ".keras"
 TFLITE_SUFFIX = ".tflite"
+ONNX_SUFFIX = ".onnx"
 # Images per Keras call: bounds memory for long file lists.
 KERAS_BATCH = 64
 
@@ -89,7 +90,7 @@ class Predictor:
     """A loaded model that maps decoded images to class probabilities.
 
     Attributes:
-        kind: "keras", "saved_model" or "tflite".
+        kind: "keras", "saved_model", "tflite" or "onnx".
         name: the format, for file names: "keras", "saved_model", or the `.tflite` variant
             ("int8" for `model_int8.tflite`).
         path: the model file or SavedModel version folder loaded.
@@ -275,8 +276,36 @@ class TFLitePredictor(Predictor):
         return self.classifier.predict(_resized(images, self.image_size))
 
 
+class ONNXPredictor(Predictor):
+    """`model.onnx` run by `export.onnx.ONNXClassifier` (ONNX Runtime): uint8 pixels resized
+    to its size, as the export's report feeds it; `labels.txt` beside it."""
+
+    kind = name = "onnx"
+
+    def __init__(self, path: str):
+        from export.onnx import ONNXClassifier
+
+        self.path, self.folder = path, export_folder(path)
+        self.classifier = ONNXClassifier(path)
+        self.image_size = self.classifier.image_size
+        self.class_names = read_labels(find_labels(self.folder, 0))
+        if self.classifier.num_classes != len(self.class_names):
+            raise UsageError(
+                f"{path} has {self.classifier.num_classes} outputs but {LABELS_FILE} lists "
+                f"{len(self.class_names)}"
+            )
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        from export.images import to_model_input
+
+        if not len(images):
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return self.classifier.predict(to_model_input(list(images), self.image_size))
+
+
 def load_predictor(path: str) -> Predictor:
-    """Loads a `.keras` file, a SavedModel (version folder or base path) or a `.tflite` file.
+    """Loads a `.keras` file, a SavedModel (version folder or base path), a `.tflite` or
+    an `.onnx` file.
 
     Raises:
         UsageError: the path is missing, of no known format, broken, or lacks its labels.
@@ -285,13 +314,15 @@ def load_predictor(path: str) -> Predictor:
         return KerasPredictor(path)
     if path.endswith(TFLITE_SUFFIX):
         return TFLitePredictor(path)
+    if path.endswith(ONNX_SUFFIX):
+        return ONNXPredictor(path)
     if os.path.isdir(path):
         return SavedModelPredictor(path)
     if not os.path.exists(path):
         raise UsageError(f"model not found: {path}")
     raise UsageError(
         f"{path}: --model must be a .keras file, a SavedModel folder (the export's "
-        "saved_model/ or one of its version folders) or a .tflite file"
+        "saved_model/ or one of its version folders), a .tflite or a .onnx file"
     )
 
 

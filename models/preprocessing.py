@@ -12,6 +12,7 @@ import json
 import os
 from typing import Literal
 
+from common.errors import UsageError, first_line
 from common.files import write_text_atomic
 
 # The reference tutorial's CIFAR-10 statistics, in 0..1 units.
@@ -65,12 +66,22 @@ class Preprocessing:
 
     @classmethod
     def load(cls, directory: str) -> Preprocessing:
-        """Reads `directory/preprocessing.json` (next to a model file)."""
+        """Reads `directory/preprocessing.json` (next to a model file).
+
+        Raises:
+            UsageError: the file is missing, not JSON, or not a preprocessing of ours.
+        """
         path = os.path.join(directory, FILENAME)
-        with open(path) as f:
-            raw = json.load(f)
-        raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
-        return cls(**raw)
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+            raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+            return cls(**raw)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UsageError(
+                f"{path} cannot be read ({type(e).__name__}: {first_line(e)}); keep the "
+                "preprocessing.json that app.train writes next to the model"
+            ) from e
 
 
 def resize(pixels, image_size: int):

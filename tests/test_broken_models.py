@@ -183,9 +183,21 @@ def test_broken_tflite(good, tmp_path, case):
 
 
 def test_unknown_model_format_is_refused(tmp_path):
-    path = tmp_path / "weights.onnx"
+    path = tmp_path / "weights.pt"
     path.write_bytes(b"\x08\x07")
     _user_error(lambda: prediction.load_predictor(str(path)), "--model must be a .keras file")
+
+
+def test_pretrained_with_a_corrupt_preprocessing_json(tmp_path):
+    from app.training import config
+
+    (tmp_path / "best.keras").write_bytes(b"")
+    (tmp_path / preprocessing.FILENAME).write_text('{"name": "cifar", "mean": [0.5')
+    _user_error(
+        lambda: config.resolve_normalization("auto", str(tmp_path / "best.keras")),
+        str(tmp_path / preprocessing.FILENAME),
+        "JSONDecodeError",
+    )
 
 
 @pytest.mark.slow

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from app import prediction
 from common.errors import UsageError
 from export import onnx
 from models import preprocessing as preprocessing_lib
+from models.bundle import write_labels
 from tests.helpers import keras_reference, random_images, tiny_model
 
 
@@ -29,6 +31,12 @@ def test_onnx_matches_keras_and_keeps_the_contract(tmp_path):
     reference = keras_reference(model, pre, images)
     np.testing.assert_array_equal(probabilities.argmax(-1), reference.argmax(-1))
     np.testing.assert_array_less(np.abs(probabilities - reference), 1e-5)
+
+    # app.predict / app.evaluate take it as --model, labels.txt beside it.
+    write_labels(str(tmp_path), [f"class_{i}" for i in range(10)])
+    predictor = prediction.load_predictor(str(path))
+    assert (predictor.kind, predictor.image_size) == ("onnx", 16)
+    np.testing.assert_array_equal(predictor.predict(list(images)), probabilities)
 
     with pytest.raises(UsageError, match=r"takes uint8 images \[n, 16, 16, 3\]"):
         classifier.predict(images.astype(np.float32))
