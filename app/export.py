@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from app import cli
+from app import cli, data_flags
 from export import FORMATS, TFLITE_FORMATS
 
 DEFAULT_FORMATS = ",".join(FORMATS)
@@ -71,10 +71,11 @@ def define_flags() -> None:
         lower_bound=0,
     )
     flags.mark_flag_as_required("model")
+    data_flags.define_max_pixels_flag()
 
 
 def main(argv: list[str]) -> None:
-    from app import data_flags, exporting
+    from app import exporting
     from export import exporter
 
     cli.no_arguments(argv)
@@ -87,6 +88,7 @@ def main(argv: list[str]) -> None:
             data=data_flags.training_data_config(_MODEL.value, _REPRESENTATIVE_DATA.value),
             num_calibration=_NUM_CALIBRATION.value,
             num_evaluation=_NUM_EVALUATION.value,
+            max_pixels=flags.FLAGS["max_pixels"].value,
         )
     )
 

@@ -25,6 +25,7 @@ import sys
 from app import data
 from app.data import DataConfig
 from common.errors import UsageError
+from common.images import MAX_PIXELS
 from export import FORMATS
 from export.images import Sample, to_model_input
 
@@ -54,6 +55,7 @@ class ExportJob:
     data: DataConfig | None = None
     num_calibration: int = 200
     num_evaluation: int = 500
+    max_pixels: int = MAX_PIXELS  # the SavedModel refuses larger images
 
 
 def calibration_and_evaluation(
@@ -138,7 +140,7 @@ def export_model(job: ExportJob) -> dict:
             "note: no --representative_data nor flags.txt: no agreement figures in the report",
             file=sys.stderr,
         )
-    config = exporter.ExportConfig(export_dir, job.formats, calibration, evaluation)
+    config = exporter.ExportConfig(export_dir, job.formats, calibration, evaluation, job.max_pixels)
     result = exporter.export_all(bundle, config)
     print(report.to_markdown(result))
     print(f"exported {', '.join(job.formats)} to {export_dir}")

@@ -27,6 +27,7 @@ import numpy as np
 
 from common.errors import UsageError
 from common.files import atomic_path
+from common.images import MAX_PIXELS
 from export import FORMATS, SAVED_MODEL, TFLITE_FORMATS, images, report, saved_model, tflite
 from models.bundle import ModelBundle, write_labels
 
@@ -48,12 +49,14 @@ class ExportConfig:
             calibrate the full-int8 model; None: no int8 model.
         evaluation: held-out images on which every format is compared with Keras (labels,
             when they are the model's classes, add accuracy); None: no agreement figures.
+        max_pixels: the SavedModel's signatures refuse images over this many pixels.
     """
 
     export_dir: str
     formats: tuple[str, ...] = FORMATS
     calibration: images.Sample | None = None
     evaluation: images.Sample | None = None
+    max_pixels: int = MAX_PIXELS
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -99,7 +102,11 @@ def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
     if SAVED_MODEL in config.formats:
         base = os.path.join(config.export_dir, SAVED_MODEL_DIR)
         written[SAVED_MODEL] = saved_model.export_saved_model(
-            bundle.model, bundle.class_names, bundle.preprocessing, base
+            bundle.model,
+            bundle.class_names,
+            bundle.preprocessing,
+            base,
+            max_pixels=config.max_pixels,
         )
         log.info("wrote %s", written[SAVED_MODEL])
     lite_formats = [fmt for fmt in config.formats if fmt in TFLITE_FORMATS]
@@ -148,6 +155,7 @@ def _report(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "image_size": size,
         "num_classes": len(bundle.class_names),
+        "max_pixels": config.max_pixels,
         "environment": report.environment(),
         "calibration": None,
         "evaluation": None,

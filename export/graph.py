@@ -1,4 +1,5 @@
-"""The serving computation every exported format shares: pixels in, probabilities out.
+"""The serving computation every exported format shares: pixels in, probabilities out,
+and the one image decoder (`decode_image`: the size read from the header and checked first).
 
 Resizing to the model's input is `models.preprocessing.resize`, the one resize that training,
 prediction and the exported graphs share.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from common.images import MAX_PIXELS, TOO_LARGE, too_large
 from models.preprocessing import Preprocessing
 
 
@@ -34,3 +36,114 @@ def probabilities(model: keras.Model, preprocessing: Preprocessing, pixels: tf.T
     """Softmax of the model's logits on float32 0..255 RGB pixels already `image_size` square."""
     logits = model(preprocessing(pixels), training=False)
     return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+
+
+# The header bytes that hold the size of a PNG, GIF, BMP or WebP image.
+_HEADER = 32
+UNKNOWN_FORMAT = "not a JPEG, PNG, GIF, BMP or WebP image (unknown header)"
+
+
+def _number(header: tf.Tensor, offset: int, size: int, little_endian: bool = True) -> tf.Tensor:
+    """Unsigned `size`-byte integer at `offset` of the uint8 header, as int64."""
+    value = tf.constant(0, tf.int64)
+    for k in range(size):
+        shift = 8 * k if little_endian else 8 * (size - 1 - k)
+        value += tf.bitwise.left_shift(header[offset + k], shift)
+    return value
+
+
+def _signed32(value: tf.Tensor) -> tf.Tensor:
+    return tf.where(value >= 2**31, value - 2**32, value)
+
+
+def _padded_header(encoded: tf.Tensor) -> tf.Tensor:
+    """The first `_HEADER` bytes, zero-padded: a short (truncated) file still reads, its
+    fields as zeros (`tf.strings.substr` past the end fails with the raw bytes in its error)."""
+    return tf.strings.join([tf.strings.substr(encoded, 0, _HEADER), b"\0" * _HEADER])
+
+
+def image_size(encoded: tf.Tensor) -> tf.Tensor:
+    """(height, width) int64 [2] of an encoded image, read from its header without decoding.
+
+    JPEG through `tf.io.extract_jpeg_shape` (which walks the markers to the frame header);
+    PNG, GIF, BMP and WebP (lossy, lossless and extended) from the fixed header fields
+    `tf.io.decode_image` itself trusts. Formats are told apart by the magic bytes
+    `tf.io.decode_image` uses; anything else (JPEG XL among them, whose size is bit-packed)
+    is (-1, -1), which `decode_image` refuses.
+    """
+    encoded = tf.convert_to_tensor(encoded, tf.string)
+    padded = _padded_header(encoded)
+    header = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 0, _HEADER), tf.uint8), tf.int64)
+
+    def magic(offset: int, value: bytes) -> tf.Tensor:
+        return tf.equal(tf.strings.substr(padded, offset, len(value)), value)
+
+    vp8l = _number(header, 21, 4)
+    webp_kind = tf.strings.substr(padded, 12, 4)
+    candidates = [  # (is this format, height, width)
+        (magic(0, b"\x89PN"), _number(header, 20, 4, False), _number(header, 16, 4, False)),
+        (magic(0, b"GIF8"), _number(header, 8, 2), _number(header, 6, 2)),
+        (
+            magic(0, b"BM"),
+            tf.abs(_signed32(_number(header, 22, 4))),
+            tf.abs(_signed32(_number(header, 18, 4))),
+        ),
+        (
+            magic(0, b"RIFF") & magic(8, b"WEBP") & tf.equal(webp_kind, b"VP8 "),
+            tf.bitwise.bitwise_and(_number(header, 28, 2), 0x3FFF),
+            tf.bitwise.bitwise_and(_number(header, 26, 2), 0x3FFF),
+        ),
+        (
+            magic(0, b"RIFF") & magic(8, b"WEBP") & tf.equal(webp_kind, b"VP8L"),
+            tf.bitwise.bitwise_and(tf.bitwise.right_shift(vp8l, 14), 0x3FFF) + 1,
+            tf.bitwise.bitwise_and(vp8l, 0x3FFF) + 1,
+        ),
+        (
+            magic(0, b"RIFF") & magic(8, b"WEBP") & tf.equal(webp_kind, b"VP8X"),
+            _number(header, 27, 3) + 1,
+            _number(header, 24, 3) + 1,
+        ),
+    ]
+    size = tf.constant([-1, -1], tf.int64)
+    for found, height, width in reversed(candidates):
+        size = tf.where(found, tf.stack([height, width]), size)
+    # JPEG last, and only for JPEGs: extract_jpeg_shape refuses anything else.
+    return tf.cond(
+        magic(0, b"\xff\xd8\xff"),
+        lambda: tf.cast(tf.io.extract_jpeg_shape(encoded)[:2], tf.int64),
+        lambda: size,
+    )
+
+
+def decode_image(encoded: tf.Tensor, max_pixels: int = MAX_PIXELS) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP/WebP -> uint8 [h, w, 3], refusing images over `max_pixels`.
+
+    The size is read from the header first, so an image over the limit (a decompression
+    bomb: a small file declaring a huge image) is refused before anything is allocated, with
+    an InvalidArgumentError (TF Serving: INVALID_ARGUMENT) that says how large it is.
+    Grayscale and RGBA become RGB; an animated GIF gives its first frame.
+    """
+    size = image_size(encoded)
+    if tf.executing_eagerly():  # an eager Assert words its error differently
+        height, width = (int(n) for n in size)
+        message = UNKNOWN_FORMAT if height < 0 else too_large(width, height, max_pixels)
+        if message:
+            raise tf.errors.InvalidArgumentError(None, None, message)
+        return _decode_rgb(encoded)
+    known = tf.debugging.Assert(size[0] >= 0, [UNKNOWN_FORMAT])
+    message = tf.strings.format(TOO_LARGE, (size[1], size[0], max_pixels))
+    small = tf.debugging.Assert(size[0] * size[1] <= max_pixels, [message])
+    with tf.control_dependencies([known, small]):
+        return _decode_rgb(encoded)
+
+
+def _decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
+    def rgb(channels: int) -> tf.Tensor:
+        image = tf.io.decode_image(
+            encoded, channels=channels, dtype=tf.uint8, expand_animations=False
+        )
+        return tf.ensure_shape(image[..., :3], [None, None, 3])
+
+    # The WebP decoder cannot drop an alpha channel itself (channels=3 on RGBA WebP fails).
+    is_webp = tf.equal(tf.strings.substr(_padded_header(encoded), 8, 4), b"WEBP")
+    return tf.cond(is_webp, lambda: rgb(0), lambda: rgb(3))
