@@ -106,6 +106,31 @@ def test_images_over_the_limit_are_refused_everywhere_with_their_size(tmp_path, 
     assert served.predict(np.zeros((1, 25, 40, 3), np.uint8))["classes"].shape == (1,)
 
 
+def _gif_with_screen(width: int, height: int, screen: tuple[int, int]) -> bytes:
+    """A one-frame `width` x `height` GIF whose header declares another screen size."""
+    data = bytearray(pil_encode(random_images(1, height, width)[0], "GIF"))
+    data[6:10] = struct.pack("<HH", *screen)
+    return bytes(data)
+
+
+def test_gif_frames_larger_than_the_screen_or_many_frames_are_counted():
+    # The decoder returns the first frame, whatever size the screen in the header says.
+    crossed = _gif_with_screen(20, 100, screen=(100, 20))
+    assert graph.image_size(crossed).numpy().tolist() == [100, 20]
+    assert graph.decode_image(crossed).shape == (100, 20, 3)
+    # A frame far larger than its screen: refused by the frame's size.
+    hidden = _gif_with_screen(1500, 1000, screen=(10, 10))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="1500x1000 pixels is over"):
+        graph.decode_image(hidden, max_pixels=1_000_000)
+    # giflib reads every frame, though only the first is returned: all of them count.
+    frames = [Image.fromarray(im) for im in random_images(5, 50, 60, seed=2)]
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:])
+    assert graph.decode_image(out.getvalue(), max_pixels=15000).shape == (50, 60, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="GIF frames of 15000 pixels"):
+        graph.decode_image(out.getvalue(), max_pixels=14999)
+
+
 def test_image_folder_names_the_file_over_the_limit(tmp_path):
     from app import data
 
