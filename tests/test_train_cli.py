@@ -103,8 +103,8 @@ RECIPES = (
     "cifar10_cpu_quick",
     "cifar10_qat",
 )
-# Left to the command line: where the data is, and limits for quick runs.
-NOT_IN_RECIPES = {"data_dir", "train_limit", "eval_limit"}
+# Left to the command line: where the data is, and limits for quick runs and image sizes.
+NOT_IN_RECIPES = {"data_dir", "train_limit", "eval_limit", "max_pixels"}
 
 
 def test_recipes_are_complete_and_valid():
