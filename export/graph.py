@@ -8,6 +8,7 @@ prediction and the exported graphs share.
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from common.images import MAX_PIXELS, TOO_LARGE, too_large
@@ -47,13 +48,28 @@ GIF_TOO_LARGE = (
 )
 
 
-def _number(header: tf.Tensor, offset: int, size: int, little_endian: bool = True) -> tf.Tensor:
-    """Unsigned `size`-byte integer at `offset` of the uint8 header, as int64."""
-    value = tf.constant(0, tf.int64)
-    for k in range(size):
-        shift = 8 * k if little_endian else 8 * (size - 1 - k)
-        value += tf.bitwise.left_shift(header[offset + k], shift)
-    return value
+# Every header field read, as (offset, bytes, big-endian), in `_FIELD_*` order below.
+_FIELDS = (
+    (16, 4, True), (20, 4, True),  # PNG IHDR width, height
+    (6, 2, False), (8, 2, False),  # GIF screen width, height
+    (18, 4, False), (22, 4, False),  # BMP width, height (signed: negative is top-down)
+    (26, 2, False), (28, 2, False),  # WebP lossy (VP8): 14-bit width, height
+    (21, 4, False),  # WebP lossless (VP8L): 14-bit width - 1, height - 1
+    (24, 3, False), (27, 3, False),  # WebP extended (VP8X): width - 1, height - 1
+)  # fmt: skip
+_FIELD_INDEX = np.array([[o + min(k, n - 1) for k in range(4)] for o, n, _ in _FIELDS], np.int32)
+_FIELD_WEIGHT = np.array(
+    [
+        [256 ** ((n - 1 - k) if big else k) if k < n else 0 for k in range(4)]
+        for _, n, big in _FIELDS
+    ],
+    np.int64,
+)
+# The magic bytes `tf.io.decode_image` tells formats by, over the first 16 header bytes
+# (None: any byte), in the order of the candidates in `_inspect_header`.
+_MAGIC = (b"\x89PN", b"GIF8", b"BM", b"RIFF....WEBPVP8 ", b"RIFF....WEBPVP8L", b"RIFF....WEBPVP8X")
+_MAGIC_BYTES = np.array([list(m.ljust(16, b".")) for m in _MAGIC], np.int64)
+_MAGIC_MASK = np.array([[c != ord(".") for c in m.ljust(16, b".")] for m in _MAGIC])
 
 
 def _signed32(value: tf.Tensor) -> tf.Tensor:
@@ -79,58 +95,64 @@ def image_size(encoded: tf.Tensor) -> tf.Tensor:
     return _inspect(encoded)[0]
 
 
-@tf.function(input_signature=[tf.TensorSpec([], tf.string)])
 def _inspect(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(`image_size`, pixels of all GIF frames together: 0 for other formats, -1 for a GIF
-    of more than `MAX_GIF_BLOCKS` blocks). A tf.function: the GIF walk is a while loop."""
+    of more than `MAX_GIF_BLOCKS` blocks). Eagerly through a tf.function: the GIF walk is a
+    while loop, which would run op by op in Python."""
+    if tf.executing_eagerly():
+        return _inspect_graph(tf.convert_to_tensor(encoded, tf.string))
+    # No tf.cond for the common case: in tf.data its branch functions cost more than the
+    # decode of a small JPEG. extract_jpeg_shape refuses anything but a JPEG, so other
+    # formats hand it a 1x1 JPEG header instead, and the JPEG's size wins only for JPEGs.
+    is_jpeg = tf.equal(tf.strings.substr(_padded_header(encoded), 0, 3), b"\xff\xd8\xff")
+    jpeg = tf.io.extract_jpeg_shape(tf.where(is_jpeg, encoded, _TINY_JPEG_HEADER))
+    size, frames = _inspect_header(encoded)
+    return tf.where(is_jpeg, tf.cast(jpeg[:2], tf.int64), size), frames
+
+
+def _inspect_header(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`_inspect` of a PNG, GIF, BMP or WebP (or of anything else: (-1, -1)).
+
+    Vectorised (one gather for every field, one comparison for every magic): in a tf.data
+    map, each op costs microseconds, as much as decoding a small image.
+    """
     padded = _padded_header(encoded)
     header = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 0, _HEADER), tf.uint8), tf.int64)
-
-    def magic(offset: int, value: bytes) -> tf.Tensor:
-        return tf.equal(tf.strings.substr(padded, offset, len(value)), value)
-
-    vp8l = _number(header, 21, 4)
-    webp_kind = tf.strings.substr(padded, 12, 4)
-    candidates = [  # (is this format, height, width)
-        (magic(0, b"\x89PN"), _number(header, 20, 4, False), _number(header, 16, 4, False)),
-        (magic(0, b"GIF8"), _number(header, 8, 2), _number(header, 6, 2)),
-        (
-            magic(0, b"BM"),
-            tf.abs(_signed32(_number(header, 22, 4))),
-            tf.abs(_signed32(_number(header, 18, 4))),
-        ),
-        (
-            magic(0, b"RIFF") & magic(8, b"WEBP") & tf.equal(webp_kind, b"VP8 "),
-            tf.bitwise.bitwise_and(_number(header, 28, 2), 0x3FFF),
-            tf.bitwise.bitwise_and(_number(header, 26, 2), 0x3FFF),
-        ),
-        (
-            magic(0, b"RIFF") & magic(8, b"WEBP") & tf.equal(webp_kind, b"VP8L"),
-            tf.bitwise.bitwise_and(tf.bitwise.right_shift(vp8l, 14), 0x3FFF) + 1,
-            tf.bitwise.bitwise_and(vp8l, 0x3FFF) + 1,
-        ),
-        (
-            magic(0, b"RIFF") & magic(8, b"WEBP") & tf.equal(webp_kind, b"VP8X"),
-            _number(header, 27, 3) + 1,
-            _number(header, 24, 3) + 1,
-        ),
-    ]
-    size = tf.constant([-1, -1], tf.int64)
-    for found, height, width in reversed(candidates):
-        size = tf.where(found, tf.stack([height, width]), size)
-    # JPEG and GIF only for themselves: extract_jpeg_shape refuses anything else, and the
-    # GIF walk reads the whole file.
-    size = tf.cond(
-        magic(0, b"\xff\xd8\xff"),
-        lambda: tf.cast(tf.io.extract_jpeg_shape(encoded)[:2], tf.int64),
-        lambda: size,
+    png_w, png_h, gif_w, gif_h, bmp_w, bmp_h, vp8_w, vp8_h, vp8l, vp8x_w, vp8x_h = tf.unstack(
+        tf.reduce_sum(tf.gather(header, _FIELD_INDEX) * _FIELD_WEIGHT, axis=1)
     )
+    found = tf.reduce_all((header[:16] == _MAGIC_BYTES) | ~_MAGIC_MASK, axis=1)
+    bits14 = 0x3FFF
+    candidates = tf.stack(
+        [  # (height, width) of each format, in `_MAGIC` order
+            tf.stack([png_h, png_w]),
+            tf.stack([gif_h, gif_w]),
+            tf.abs(_signed32(tf.stack([bmp_h, bmp_w]))),
+            tf.bitwise.bitwise_and(tf.stack([vp8_h, vp8_w]), bits14),
+            tf.stack([tf.bitwise.right_shift(vp8l, 14), vp8l]) % (bits14 + 1) + 1,
+            tf.stack([vp8x_h, vp8x_w]) + 1,
+        ]
+    )
+    size = tf.where(
+        tf.reduce_any(found),
+        tf.gather(candidates, tf.argmax(tf.cast(found, tf.int32))),
+        tf.constant([-1, -1], tf.int64),
+    )
+    # The GIF walk reads the whole file: only for GIFs.
     first, frames = tf.cond(
-        magic(0, b"GIF8"),
+        found[1],
         lambda: gif_frames(encoded),
         lambda: (tf.zeros([2], tf.int64), tf.constant(0, tf.int64)),
     )
     return tf.where(frames != 0, first, size), frames
+
+
+# SOI, a 1x1 baseline frame header and a scan header: all extract_jpeg_shape reads.
+_TINY_JPEG_HEADER = (
+    b"\xff\xd8\xff\xc0\x00\x0b\x08\x00\x01\x00\x01\x01\x01\x11\x00"
+    b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00\xff\xd9"
+)
+_inspect_graph = tf.function(_inspect, input_signature=[tf.TensorSpec([], tf.string)])
 
 
 def decode_image(encoded: tf.Tensor, max_pixels: int = MAX_PIXELS) -> tf.Tensor:
