@@ -73,12 +73,15 @@ def _flock(fd: int) -> bool:
 @contextlib.contextmanager
 def hold(path: str, purpose: str) -> Iterator[dict]:
     """Holds the lock file `path` for the `with` block; yields the previous holder's
-    contents when it was left behind by a process that died ({} otherwise).
+    contents when it was left behind by a process that died ({} otherwise). The file is
+    removed at the end, and its directory too when this made it and it stayed empty.
 
     Raises:
         LockedError: another live process holds it (named in the message).
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    directory = os.path.dirname(os.path.abspath(path))
+    created = not os.path.isdir(directory)
+    os.makedirs(directory, exist_ok=True)
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -117,6 +120,9 @@ def hold(path: str, purpose: str) -> Iterator[dict]:
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 os.remove(path)
         os.close(fd)
+        if created:  # a run that failed before writing anything leaves no empty directory
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
 
 
 def _flock_supported(fd: int) -> bool:

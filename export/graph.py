@@ -48,7 +48,8 @@ GIF_TOO_LARGE = (
 )
 
 
-# Every header field read, as (offset, bytes, big-endian), in `_FIELD_*` order below.
+# Every header field read, as (offset, bytes, big-endian), in the order `_inspect_header`
+# unpacks them.
 _FIELDS = (
     (16, 4, True), (20, 4, True),  # PNG IHDR width, height
     (6, 2, False), (8, 2, False),  # GIF screen width, height
@@ -66,7 +67,7 @@ _FIELD_WEIGHT = np.array(
     np.int64,
 )
 # The magic bytes `tf.io.decode_image` tells formats by, over the first 16 header bytes
-# (None: any byte), in the order of the candidates in `_inspect_header`.
+# (".": any byte), in the order of the candidates in `_inspect_header`.
 _MAGIC = (b"\x89PN", b"GIF8", b"BM", b"RIFF....WEBPVP8 ", b"RIFF....WEBPVP8L", b"RIFF....WEBPVP8X")
 _MAGIC_BYTES = np.array([list(m.ljust(16, b".")) for m in _MAGIC], np.int64)
 _MAGIC_MASK = np.array([[c != ord(".") for c in m.ljust(16, b".")] for m in _MAGIC])

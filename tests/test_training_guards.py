@@ -55,6 +55,11 @@ def test_lock_names_its_live_holder_and_is_taken_over_after_kill_9(tmp_path):
     assert not os.path.exists(path)  # released
     with hold(path, "a test") as previous:
         assert previous == {}
+    # The directory it made is removed with it when nothing else was written there.
+    fresh = tmp_path / "fresh" / "run"
+    with hold(str(fresh / "train.lock"), "a test"):
+        assert fresh.is_dir()
+    assert not fresh.exists() and (tmp_path / "fresh").is_dir()
 
 
 @pytest.mark.parametrize(
@@ -115,8 +120,9 @@ def test_full_disk_stops_training_keeps_the_last_good_files_and_rerun_resumes(
     from tests.test_train_cli import RESUME_RUN
 
     model_dir = tmp_path / "run"
-    flags = (f"--model_dir={model_dir}", f"--data_dir={cifar10_dir}", *RESUME_RUN)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "FAIL_AT": "3", "MODEL_DIR": str(model_dir)}
+    flags = (f"--model_dir={model_dir}", f"--data_dir={cifar10_dir}", *RESUME_RUN, "--epochs=2")
+    # The second backup is the one at the end of epoch 1, just after best.keras was written.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "FAIL_AT": "2", "MODEL_DIR": str(model_dir)}
     failed = subprocess.run(
         [sys.executable, "-c", FULL_DISK, *flags],
         cwd=REPO,
@@ -140,4 +146,4 @@ def test_full_disk_stops_training_keeps_the_last_good_files_and_rerun_resumes(
     result = run_train(model_dir, *flags[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert any(line.startswith("Resuming from") for line in result.stdout.splitlines())
-    assert [row["epoch"] for row in history_rows(model_dir)] == [1, 2, 3]
+    assert [row["epoch"] for row in history_rows(model_dir)] == [1, 2]
