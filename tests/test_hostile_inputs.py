@@ -344,3 +344,16 @@ def test_fuzzed_images_get_a_prediction_or_one_clear_error(tmp_path, served_base
         outcomes["refused" if decoded is None else "decoded"] += 1
     print(outcomes)
     assert outcomes["decoded"] and outcomes["refused"]  # the mutations exercise both
+
+
+def test_max_pixels_flag_reaches_the_data_config():
+    from absl import flags
+
+    from app import data_flags
+
+    values = flags.FlagValues()
+    data_flags.define_data_flags(values)
+    values(["program"])
+    assert data_flags.data_config_from_flags(0, values).max_pixels == 40_000_000
+    values(["program", "--max_pixels=1234"])
+    assert data_flags.data_config_from_flags(0, values).max_pixels == 1234
