@@ -24,6 +24,7 @@ from absl import flags
 
 from app.data import DataConfig, DataError
 from common.errors import UsageError
+from common.images import MAX_PIXELS
 
 FLAGS = flags.FLAGS
 # What app.train writes beside the model: a flagfile that reproduces the run.
@@ -32,11 +33,27 @@ TRAINING_FLAGS_FILE = "flags.txt"
 INHERITED_DATA_FLAGS = ("dataset", "data_dir", "validation_split")
 
 
+def define_max_pixels_flag(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines --max_pixels, the limit on decoded image size (idempotent)."""
+    if "max_pixels" in flag_values:
+        return
+    flags.DEFINE_integer(
+        "max_pixels",
+        MAX_PIXELS,
+        "Refuse images over this many pixels (width x height), read from the file header "
+        "before decoding, so a small file declaring a huge image cannot exhaust memory.",
+        lower_bound=1,
+        flag_values=flag_values,
+    )
+
+
 def define_data_flags(flag_values: flags.FlagValues = FLAGS) -> None:
-    """Defines --dataset, --data_dir, --validation_split, --train_limit, --eval_limit.
+    """Defines --dataset, --data_dir, --validation_split, --train_limit, --eval_limit and
+    --max_pixels.
 
     Idempotent, so programs that share a process (tests) can each call it.
     """
+    define_max_pixels_flag(flag_values)
     if "dataset" in flag_values:
         return
     flags.DEFINE_string(
@@ -108,6 +125,7 @@ def data_config_from_flags(
         train_limit=flag_values["train_limit"].value,
         eval_limit=flag_values["eval_limit"].value,
         seed=seed,
+        max_pixels=flag_values["max_pixels"].value,
     )
 
 

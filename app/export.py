@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from app import cli
+from app import cli, data_flags
 from export import FORMATS, TFLITE_FORMATS
 
 DEFAULT_FORMATS = ",".join(FORMATS)
@@ -84,10 +84,11 @@ def define_flags() -> None:
         "model_version", "", "The version field of the .tflite metadata; default: export time."
     )
     flags.mark_flag_as_required("model")
+    data_flags.define_max_pixels_flag()
 
 
 def main(argv: list[str]) -> None:
-    from app import data_flags, exporting
+    from app import exporting
     from export import exporter
 
     cli.no_arguments(argv)
@@ -102,6 +103,7 @@ def main(argv: list[str]) -> None:
             num_evaluation=_NUM_EVALUATION.value,
             author=_AUTHOR.value,
             version=_MODEL_VERSION.value,
+            max_pixels=flags.FLAGS["max_pixels"].value,
         )
     )
 

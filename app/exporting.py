@@ -26,6 +26,7 @@ from app import data
 from app.data import DataConfig
 from app.training.config import FLAGS_FILE
 from common.errors import UsageError
+from common.images import MAX_PIXELS
 from export import FORMATS
 from export.images import Sample, to_model_input
 
@@ -59,6 +60,7 @@ class ExportJob:
     num_evaluation: int = 500
     author: str = ""
     version: str = ""
+    max_pixels: int = MAX_PIXELS  # the SavedModel refuses larger images
 
 
 def calibration_and_evaluation(
@@ -156,6 +158,7 @@ def export_model(job: ExportJob) -> dict:
         author=job.author,
         version=job.version,
         training_flags=training_flags,
+        max_pixels=job.max_pixels,
     )
     result = exporter.export_all(bundle, config)
     print(report.to_markdown(result))

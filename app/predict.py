@@ -19,7 +19,7 @@ import sys
 
 from absl import flags
 
-from app import cli
+from app import cli, data_flags
 
 _MODEL: flags.FlagHolder[str]
 _TOP_K: flags.FlagHolder[int]
@@ -35,12 +35,14 @@ def define_flags() -> None:
     _TOP_K = flags.DEFINE_integer("top_k", 3, "Classes to print per image.", lower_bound=1)
     _JSON = flags.DEFINE_bool("json", False, "Print one JSON document instead of a table.")
     flags.mark_flag_as_required("model")
+    data_flags.define_max_pixels_flag()
 
 
 def main(argv: list[str]) -> None:
     from app import prediction
 
-    if not prediction.predict_files(_MODEL.value, argv[1:], _TOP_K.value, _JSON.value):
+    max_pixels = flags.FLAGS["max_pixels"].value
+    if not prediction.predict_files(_MODEL.value, argv[1:], _TOP_K.value, _JSON.value, max_pixels):
         sys.exit(1)  # some file was not an image; the others were answered
 
 

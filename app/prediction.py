@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from common.errors import UsageError, first_line
+from common.images import MAX_PIXELS
 from models.bundle import LABELS_FILE, load_model_bundle, read_labels
 from models.preprocessing import FILENAME as PREPROCESSING_FILE
 from models.preprocessing import Preprocessing, resize
@@ -50,23 +51,26 @@ class Prediction:
     probability: float
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decodes an image file to uint8 RGB `[h, w, 3]`.
 
     JPEG, PNG, GIF (first frame), BMP and WebP; grayscale is repeated to three channels and
-    an alpha channel is dropped, as the SavedModel's `serving_bytes` signature does.
+    an alpha channel is dropped, as the SavedModel's `serving_bytes` signature does. An
+    image over `max_pixels` is refused from its header, before decoding.
 
     Raises:
-        ImageError: the file is missing or is not a decodable image.
+        ImageError: the file is missing, is not a decodable image or is too large.
     """
     import tensorflow as tf
+
+    from export import graph
 
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such file")
     with open(path, "rb") as f:
         data = f.read()
     try:
-        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+        image = graph.decode_image(data, max_pixels)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
         raise ImageError(f"{path}: not a readable image ({first_line(e)})") from e
     return image.numpy()
@@ -343,7 +347,9 @@ class ImageResult:
         }
 
 
-def classify_files(predictor: Predictor, paths: Sequence[str], k: int) -> list[ImageResult]:
+def classify_files(
+    predictor: Predictor, paths: Sequence[str], k: int, max_pixels: int = MAX_PIXELS
+) -> list[ImageResult]:
     """Top-k for each image file, in order; an unreadable file gets an error and does not
     stop the others. Files are decoded a chunk at a time, so long lists fit in memory."""
     results = []
@@ -352,7 +358,7 @@ def classify_files(predictor: Predictor, paths: Sequence[str], k: int) -> list[I
         images, errors = {}, {}
         for path in chunk:
             try:
-                images[path] = read_image(path)
+                images[path] = read_image(path, max_pixels)
             except ImageError as e:
                 errors[path] = str(e)
         readable = [p for p in chunk if p not in errors]
@@ -380,7 +386,13 @@ def format_results(results: Sequence[ImageResult]) -> str:
     return "\n".join(lines)
 
 
-def predict_files(model: str, paths: Sequence[str], k: int = 3, as_json: bool = False) -> bool:
+def predict_files(
+    model: str,
+    paths: Sequence[str],
+    k: int = 3,
+    as_json: bool = False,
+    max_pixels: int = MAX_PIXELS,
+) -> bool:
     """Classifies image files and prints the answers, as `python -m app.predict` does.
 
     Prints the top-k classes of each readable file (a table, or one JSON document with
@@ -395,7 +407,7 @@ def predict_files(model: str, paths: Sequence[str], k: int = 3, as_json: bool = 
     if not paths:
         raise UsageError("no images given: python -m app.predict --model=MODEL IMAGE [IMAGE ...]")
     predictor = load_predictor(model)
-    results = classify_files(predictor, paths, k)
+    results = classify_files(predictor, paths, k, max_pixels)
     for result in results:
         if result.error is not None:
             print(f"error: {result.error}", file=sys.stderr)

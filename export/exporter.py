@@ -27,6 +27,7 @@ import numpy as np
 
 from common.errors import UsageError
 from common.files import atomic_path
+from common.images import MAX_PIXELS
 from export import (
     FORMATS,
     ONNX,
@@ -63,6 +64,7 @@ class ExportConfig:
         author: the author field of the `.tflite` metadata (empty: not said).
         version: the version field of the `.tflite` metadata; empty: the export's UTC time.
         training_flags: the training run's flags.txt, for the model card; None: unknown.
+        max_pixels: the SavedModel's signatures refuse images over this many pixels.
     """
 
     export_dir: str
@@ -72,6 +74,7 @@ class ExportConfig:
     author: str = ""
     version: str = ""
     training_flags: str | None = None
+    max_pixels: int = MAX_PIXELS
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -118,7 +121,11 @@ def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
     if SAVED_MODEL in config.formats:
         base = os.path.join(config.export_dir, SAVED_MODEL_DIR)
         written[SAVED_MODEL] = saved_model.export_saved_model(
-            bundle.model, bundle.class_names, bundle.preprocessing, base
+            bundle.model,
+            bundle.class_names,
+            bundle.preprocessing,
+            base,
+            max_pixels=config.max_pixels,
         )
         log.info("wrote %s", written[SAVED_MODEL])
     lite_formats = [fmt for fmt in config.formats if fmt in TFLITE_FORMATS]
@@ -185,6 +192,7 @@ def _report(
         "created": created,
         "image_size": size,
         "num_classes": len(bundle.class_names),
+        "max_pixels": config.max_pixels,
         "environment": report.environment(),
         "calibration": None,
         "evaluation": None,

@@ -10,6 +10,8 @@ Layout under a model base path (what `tensorflow/serving --model_base_path` watc
 Signatures (the serving contract; names in `export`):
 - `serving_default`: `images` uint8 [batch, height, width, 3], any height and width.
 - `serving_bytes`: `image_bytes` string [batch] of encoded JPEG/PNG (also GIF, BMP, WebP).
+Both refuse an image over `max_pixels` (default 40 megapixels; an encoded one from its header,
+before decoding it) with INVALID_ARGUMENT; the limit is in `assets.extra/serving_limits.json`.
 Both resize to the model's square input (`models.preprocessing.resize`, bilinear, as training
 does) and normalise inside the graph, and return `probabilities` float32 [batch, classes],
 `classes` int64 [batch] (the argmax) and `class_names` string [batch] (its label), so a client
@@ -37,6 +39,8 @@ import numpy as np
 import tensorflow as tf
 
 from common.errors import UsageError, first_line
+from common.files import write_json
+from common.images import MAX_PIXELS, TOO_LARGE
 from export import (
     INPUT_BYTES,
     INPUT_IMAGES,
@@ -60,12 +64,24 @@ CONTRACT = {
     SIGNATURE_IMAGES: (INPUT_IMAGES, tf.uint8, 4),
     SIGNATURE_BYTES: (INPUT_BYTES, tf.string, 1),
 }
+EMPTY_BATCH = "empty batch: a request must hold at least one image"
+# The limits the signatures enforce, for people and tools (TF Serving ignores the file).
+LIMITS_FILE = os.path.join(EXTRA_DIR, "serving_limits.json")
+
+
+def _nonempty(batch: tf.Tensor) -> tf.Operation:
+    """An op that fails (INVALID_ARGUMENT) when a request holds no images."""
+    return tf.debugging.Assert(tf.shape(batch)[0] > 0, [EMPTY_BATCH])
 
 
 def serving_archive(
-    model: keras.Model, class_names: list[str], preprocessing: Preprocessing
+    model: keras.Model,
+    class_names: list[str],
+    preprocessing: Preprocessing,
+    max_pixels: int = MAX_PIXELS,
 ) -> keras.export.ExportArchive:
-    """An `ExportArchive` holding the model and both serving signatures."""
+    """An `ExportArchive` holding the model and both serving signatures, which refuse
+    images over `max_pixels` (encoded ones before decoding them)."""
     model = graph.float32_model(model)
     size = preprocessing.image_size
     names = tf.constant(class_names, dtype=tf.string)
@@ -83,16 +99,28 @@ def serving_archive(
         # The signature's declared shape is not enforced when it is called (TF Serving passes
         # any shape through): check it here, so a bad request fails with the expected shape.
         images = tf.ensure_shape(images, [None, None, None, 3])
-        return outputs(tf.cast(images, tf.float32))
+        # Already in memory, but resizing would take 4 bytes a pixel more: same limit.
+        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        message = tf.strings.format(TOO_LARGE, (width, height, max_pixels))
+        checks = [
+            _nonempty(images),
+            tf.debugging.Assert(
+                tf.cast(height, tf.int64) * tf.cast(width, tf.int64) <= max_pixels, [message]
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            return outputs(tf.cast(images, tf.float32))
 
     def decode(encoded: tf.Tensor) -> tf.Tensor:
         # Images in one request may differ in size: resize each before they form a batch.
-        image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+        image = graph.decode_image(encoded, max_pixels)
         image = resize(image[tf.newaxis], size)[0]
         return tf.ensure_shape(image, [size, size, 3])
 
     def serve_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         image_bytes = tf.ensure_shape(image_bytes, [None])
+        with tf.control_dependencies([_nonempty(image_bytes)]):
+            image_bytes = tf.identity(image_bytes)
         pixels = tf.map_fn(
             decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32)
         )
@@ -165,15 +193,19 @@ def export_saved_model(
     preprocessing: Preprocessing,
     base_dir: str,
     warmup: bool = True,
+    max_pixels: int = MAX_PIXELS,
 ) -> str:
     """Writes the next integer version under `base_dir`; returns its path.
+
+    The signatures refuse images over `max_pixels`; the limit is recorded in the version's
+    `assets.extra/serving_limits.json`.
 
     The SavedModel is written into a hidden temporary folder beside the versions (TF Serving
     ignores names that are not integers) and renamed into place only when complete, so a
     server never sees half a version and existing versions are never touched.
     """
     os.makedirs(base_dir, exist_ok=True)
-    archive = serving_archive(model, class_names, preprocessing)
+    archive = serving_archive(model, class_names, preprocessing, max_pixels)
     tmp = tempfile.mkdtemp(dir=base_dir, prefix=".export-")
     try:
         # mkdtemp makes the folder private (0700); a server running as another user must read it.
@@ -183,6 +215,7 @@ def export_saved_model(
         os.makedirs(extra, exist_ok=True)
         write_labels(extra, class_names)
         preprocessing.save(extra)
+        write_json(os.path.join(tmp, LIMITS_FILE), {"max_pixels": max_pixels})
         if warmup:
             write_warmup_requests(os.path.join(tmp, WARMUP_FILE), preprocessing.image_size)
         while True:  # another export may take a number meanwhile: then take the next one
@@ -274,9 +307,7 @@ class ServingModel:
                 **{INPUT_BYTES: tf.constant(list(encoded), dtype=tf.string)}
             )
         except tf.errors.InvalidArgumentError as e:
-            raise UsageError(
-                f"{self.path}: an input is not a decodable JPEG/PNG image ({first_line(e)})"
-            ) from e
+            raise UsageError(f"{self.path}: an input was refused ({first_line(e)})") from e
         return {name: outputs[name].numpy() for name in OUTPUTS}
 
 

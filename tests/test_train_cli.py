@@ -23,6 +23,7 @@ from app.training import TrainConfig
 from tests.helpers import (
     CIFAR10_CLASSES,
     REPO,
+    error_lines,
     final_digest,
     history_rows,
     run_train,
@@ -103,8 +104,8 @@ RECIPES = (
     "cifar10_qat",
     "folder_finetune",
 )
-# Left to the command line: where the data is, and limits for quick runs.
-NOT_IN_RECIPES = {"data_dir", "train_limit", "eval_limit"}
+# Left to the command line: where the data is, and limits for quick runs and image sizes.
+NOT_IN_RECIPES = {"data_dir", "train_limit", "eval_limit", "max_pixels"}
 
 
 def test_recipes_are_complete_and_valid():
@@ -330,13 +331,23 @@ def test_sigkilled_run_resumes_mid_epoch(tmp_path, cifar10_dir):
     proc = start_train(model_dir, *flags)
     try:
         position = wait_for_backup(model_dir, (0, 0), proc)
+        # One training per model_dir: a second one exits at once, naming the holder.
+        second = run_train(model_dir, *flags)
+        assert proc.poll() is None, "the first run stopped"
+        assert second.returncode == 2, second.stderr[-3000:]
+        errors = error_lines(second.stderr)
+        assert len(errors) == 1, second.stderr[-3000:]
+        assert f"is in use by app.train pid {proc.pid} on host " in errors[0]
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     assert (model_dir / "flags.txt").is_file()
+    assert (model_dir / "train.lock").is_file()  # left by the killed run
 
     result = run_train(model_dir, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"taking over train.lock left by app.train pid {proc.pid} " in result.stdout
+    assert not (model_dir / "train.lock").exists()  # released at the end
     resumed = [line for line in result.stdout.splitlines() if line.startswith("Resuming from")]
     assert len(resumed) == 1, result.stdout
     epoch, step = (

@@ -137,7 +137,7 @@ def test_settings_fingerprint_ignores_runtime_settings():
 
     a = settings_fingerprint(TrainConfig(model_dir="a"), DataConfig())
     b = settings_fingerprint(
-        TrainConfig(model_dir="b", verbose=0, strategy="mirrored"), DataConfig()
+        TrainConfig(model_dir="b", verbose=0, strategy="mirrored"), DataConfig(max_pixels=10)
     )
     c = settings_fingerprint(TrainConfig(model_dir="a", lr=0.2), DataConfig())
     assert a == b

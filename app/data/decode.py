@@ -1,5 +1,6 @@
 """Decoding: JPEG/PNG to uint8 RGB, and decode-once into memory when the images share a
-size and fit (CIFAR-10: 150 MB), naming any file that does not decode.
+size and fit (CIFAR-10: 150 MB), naming any file that does not decode or is over the
+pixel limit (read from its header, before decoding).
 
 TensorFlow at module level: only `load` and the pipelines use it; `app.data` loads them lazily.
 """
@@ -14,6 +15,8 @@ from PIL import Image, UnidentifiedImageError
 
 from app.data.types import DataError, Examples
 from common.errors import first_line
+from common.images import MAX_PIXELS, too_large
+from export import graph
 
 # Decoded images are kept in memory when they take at most this share of available RAM
 # and at most MAX_IN_MEMORY_BYTES: CIFAR-10 (150 MB) always does, ImageNet never does. The
@@ -36,24 +39,34 @@ def memory_budget() -> int:
     return int(min(MAX_IN_MEMORY_BYTES, MEMORY_FRACTION * available))
 
 
-def _header_shape(path: str) -> tuple[int, int]:
+def _header_shape(path: str, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     try:
+        # Pillow reads only the header here. Its own bomb check (the process-wide
+        # Image.MAX_IMAGE_PIXELS: a warning over it, an error over twice it) cannot be set
+        # per call, so the size is checked against ours below.
         with Image.open(path) as im:
             w, h = im.size
+    except Image.DecompressionBombError:  # over twice Pillow's limit: read the header here
+        with open(path, "rb") as f:
+            h, w = (int(n) for n in graph.image_size(f.read()).numpy())
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(
             f"{path} is not a readable JPEG/PNG image ({type(e).__name__}); replace or delete it"
         ) from e
+    message = too_large(w, h, max_pixels)
+    if message:
+        raise DataError(f"{path}: {message}; shrink or delete it, or raise --max_pixels")
     return h, w
 
 
-def _header_shapes(files: np.ndarray) -> list[tuple[int, int]]:
-    """(h, w) of every image file from its header (no decoding); names a bad file.
+def _header_shapes(files: np.ndarray, max_pixels: int = MAX_PIXELS) -> list[tuple[int, int]]:
+    """(h, w) of every image file from its header (no decoding); names a bad file or one
+    over `max_pixels`.
 
     Threads, because on a cold file cache this is bound by file-system latency.
     """
     with ThreadPoolExecutor(IO_THREADS) as pool:
-        return list(pool.map(_header_shape, files, chunksize=256))
+        return list(pool.map(lambda path: _header_shape(path, max_pixels), files, chunksize=256))
 
 
 # A typical image side more than this factor away from --image_size earns a note.
@@ -99,13 +112,13 @@ def decode_if_fits(examples: Examples, fixed_shape: bool) -> Examples:
     if examples.images is not None or examples.num_examples == 0:
         return examples
     if examples.files is not None:
-        shapes = _header_shapes(examples.files)
+        shapes = _header_shapes(examples.files, examples.max_pixels)
         uniform = len(set(shapes)) == 1
         h, w = shapes[0]
     else:
         if not fixed_shape:
             return examples
-        first = _decode_array(examples.encoded[:1])
+        first = _decode_array(examples.encoded[:1], max_pixels=examples.max_pixels)
         uniform, (h, w) = True, first.shape[1:3]
     if not uniform or examples.num_examples * h * w * 3 > memory_budget():
         return examples
@@ -113,17 +126,26 @@ def decode_if_fits(examples: Examples, fixed_shape: bool) -> Examples:
         examples.files if examples.files is not None else examples.encoded,
         is_file=examples.files is not None,
         shape=(h, w),
+        max_pixels=examples.max_pixels,
     )
-    return Examples(examples.labels, images=images, origin=examples.origin)
+    return Examples(
+        examples.labels, images=images, origin=examples.origin, max_pixels=examples.max_pixels
+    )
 
 
-def decode_image(data: tf.Tensor, channels: int = 3) -> tf.Tensor:
-    """Encoded JPEG/PNG (bytes tensor) -> uint8 [h, w, 3]; grayscale and RGBA become RGB."""
-    return tf.io.decode_image(data, channels=channels, expand_animations=False)
+def decode_image(data: tf.Tensor, max_pixels: int = MAX_PIXELS) -> tf.Tensor:
+    """Encoded JPEG/PNG (bytes tensor) -> uint8 [h, w, 3]; grayscale and RGBA become RGB.
+
+    Images over `max_pixels` are refused from their header (`export.graph.decode_image`).
+    """
+    return graph.decode_image(data, max_pixels)
 
 
 def _decode_array(
-    sources: np.ndarray, is_file: bool = False, shape: tuple[int, int] | None = None
+    sources: np.ndarray,
+    is_file: bool = False,
+    shape: tuple[int, int] | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
     """Decodes all `sources` (paths or bytes) in parallel with tf.data into uint8 [n, h, w, 3].
 
@@ -133,7 +155,11 @@ def _decode_array(
     ds = tf.data.Dataset.from_tensor_slices(list(sources))
     if is_file:
         ds = ds.map(tf.io.read_file, num_parallel_calls=IO_THREADS, deterministic=True)
-    ds = ds.map(decode_image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(
+        lambda data: decode_image(data, max_pixels),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     ds = ds.batch(chunk).prefetch(2)
     out, done = None, 0
     try:
@@ -145,22 +171,25 @@ def _decode_array(
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
         # In order (deterministic): the bad one is in the chunk that failed. Find it.
         for i in range(done, min(done + chunk, n)):
-            _check_decodes(sources[i] if is_file else None, sources[i], out, i)
+            _check_decodes(sources[i] if is_file else None, sources[i], out, i, max_pixels)
         raise DataError(f"images of {sources[0]}... could not be decoded: {first_line(e)}") from e
     if shape is not None and out.shape[1:3] != tuple(shape):
         raise DataError(f"decoded images are {out.shape[1:3]}, expected {shape}")
     return out
 
 
-def _check_decodes(path: str | None, source, out: np.ndarray | None, i: int) -> None:
+def _check_decodes(
+    path: str | None, source, out: np.ndarray | None, i: int, max_pixels: int
+) -> None:
     """Raises a DataError naming image `i` if it does not decode to the batch's size."""
     what = path if path is not None else f"encoded image #{i}"
     try:
         data = tf.io.read_file(path) if path is not None else source
-        image = decode_image(data).numpy()
+        image = decode_image(data, max_pixels).numpy()
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
         raise DataError(
-            f"{what} could not be decoded as a JPEG/PNG image; replace or delete it"
+            f"{what} could not be decoded as a JPEG/PNG image ({first_line(e)}); "
+            "replace or delete it"
         ) from e
     if out is not None and image.shape != out.shape[1:]:
         raise DataError(

@@ -46,7 +46,7 @@ def _element_image(examples: Examples, source, index):
     if examples.images is not None:
         return item
     data = tf.io.read_file(item) if examples.files is not None else item
-    return decode_image(data)
+    return decode_image(data, examples.max_pixels)
 
 
 def train_dataset(

@@ -24,7 +24,7 @@ def sample_images(
     images = []
     for i in range(picked.num_examples):
         data = tf.io.read_file(picked.files[i]) if picked.files is not None else picked.encoded[i]
-        images.append(decode_image(data).numpy())
+        images.append(decode_image(data, picked.max_pixels).numpy())
     if len({im.shape for im in images}) == 1:
         return np.stack(images), picked.labels
     return images, picked.labels

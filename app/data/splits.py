@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from app.data.decode import decode_if_fits
@@ -100,7 +102,9 @@ def finish(raw: RawSplits, config: DataConfig) -> Splits:
     validation = _limit(validation, config.eval_limit, config.seed, 2)
     test = _limit(raw.test, config.eval_limit, config.seed, 3) if raw.test is not None else None
     train, validation, test = (
-        None if ex is None else decode_if_fits(ex, raw.fixed_shape)
+        None
+        if ex is None
+        else decode_if_fits(dataclasses.replace(ex, max_pixels=config.max_pixels), raw.fixed_shape)
         for ex in (train, validation, test)
     )
     return Splits(train, validation, test, raw.class_names, raw.source, held_out)

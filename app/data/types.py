@@ -9,6 +9,8 @@ import dataclasses
 
 import numpy as np
 
+from common.images import MAX_PIXELS
+
 SOURCE_TFDS = "tfds"
 SOURCE_CIFAR_BATCHES = "cifar-python-batches"
 SOURCE_IMAGE_FOLDER = "image-folder"
@@ -31,6 +33,7 @@ class DataConfig:
         train_limit: use at most this many training examples (a seeded, stratified subset).
         eval_limit: use at most this many validation and test examples each.
         seed: makes the hold-out and the limits reproducible.
+        max_pixels: images over this many pixels are refused, from their header (no decoding).
     """
 
     dataset: str = "cifar10"
@@ -39,6 +42,7 @@ class DataConfig:
     train_limit: int | None = None
     eval_limit: int | None = None
     seed: int = 0
+    max_pixels: int = MAX_PIXELS
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -51,6 +55,7 @@ class Examples:
         files: str [n] image file paths, decoded in the pipeline.
         encoded: object [n] encoded JPEG/PNG bytes (TFDS images of varying size).
         origin: where the split came from, for messages.
+        max_pixels: files/encoded images over this many pixels are refused before decoding.
     """
 
     labels: np.ndarray
@@ -58,6 +63,7 @@ class Examples:
     files: np.ndarray | None = None
     encoded: np.ndarray | None = None
     origin: str = ""
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         held = [x for x in (self.images, self.files, self.encoded) if x is not None]
@@ -86,6 +92,7 @@ class Examples:
             pick(self.files),
             pick(self.encoded),
             self.origin,
+            self.max_pixels,
         )
 
 

@@ -366,5 +366,7 @@ def resolve_normalization(normalization: str, pretrained: str) -> str:
 def settings_fingerprint(config: TrainConfig, data_config: DataConfig) -> dict[str, Any]:
     """The settings that decide what a run computes (a resumed run must match them)."""
     out = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_SETTINGS}
-    out.update({f"data.{k}": v for k, v in dataclasses.asdict(data_config).items()})
+    # max_pixels only refuses images, it changes nothing computed: a resume may change it.
+    data = {k: v for k, v in dataclasses.asdict(data_config).items() if k != "max_pixels"}
+    out.update({f"data.{k}": v for k, v in data.items()})
     return out

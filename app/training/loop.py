@@ -20,6 +20,7 @@ from app.training.config import (
     check_config,
     settings_fingerprint,
 )
+from app.training.guards import training_lock, write_errors_reported
 from app.training.recipe import (
     build_model,
     compile_model,
@@ -63,6 +64,8 @@ def train(config: TrainConfig, data_config: DataConfig, flags_text: str = "") ->
     check_batch_divides(config, strategy)
     with (
         lost_workers_reported(strategy, config.model_dir),
+        write_errors_reported(config.model_dir),
+        training_lock(config.model_dir, strategy),
         output_dir(config.model_dir, strategy) as out_dir,
     ):
         settings = settings_fingerprint(config, data_config)
