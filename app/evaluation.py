@@ -7,7 +7,7 @@ pure functions over plain arguments (a Keras model, a `tf.data` dataset, arrays)
 metrics are `app.metrics`.
 
 The model may be any exported format too: a `.tflite` file or a SavedModel (base path or
-version folder), run through `app.prediction`'s predictors on the images as stored (the
+version folder), run through `app.predictors` on the images as stored (the
 SavedModel resizes inside its graph; a `.tflite` gets them resized as `app.predict` does), with
 the class names from the export itself. The files are then named after the format
 (`eval_<split>_int8.json`, ...) and go into the export folder.
@@ -36,8 +36,8 @@ Or step by step:
     print(evaluation.format_report(result))
 
     # an exported model: probabilities, not logits
-    from app import prediction
-    predictor = prediction.load_predictor("runs/cpu_quick/export/model_int8.tflite")
+    from app import predictors
+    predictor = predictors.load_predictor("runs/cpu_quick/export/model_int8.tflite")
     probabilities, labels, samples = evaluation.predict_probabilities(predictor, examples)
 """
 
@@ -184,7 +184,7 @@ def stored_batches(examples, batch_size: int):
 def predict_probabilities(
     predictor, examples, keep: Sequence[int] = (), verbose: int = 1, batch_size: int = 128
 ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """Runs an `app.prediction.Predictor` (any format) over a split's stored images.
+    """Runs an `app.predictors.Predictor` (any format) over a split's stored images.
 
     Returns:
         (float32 probabilities [n, classes], int64 labels [n], {index: float 0..255 image
@@ -216,7 +216,7 @@ def predict_probabilities(
 def training_model(path: str) -> str:
     """The `.keras` model an exported model came from (the export's report.json says),
     so its training run's flags.txt gives the data to evaluate on; `path` itself otherwise."""
-    from app.prediction import KERAS_SUFFIX, export_folder
+    from app.predictors import KERAS_SUFFIX, export_folder
 
     if path.endswith(KERAS_SUFFIX) or not os.path.exists(path):
         return path
@@ -310,17 +310,17 @@ def evaluate(config: EvalConfig) -> tuple[EvalResult, dict[str, str]]:
             empty split, or an output folder that cannot be written.
         app.data.DataError: the data cannot be read.
     """
-    from app import data, prediction
+    from app import data, predictors
     from models.bundle import load_model_bundle
 
     # A Keras model runs over the tf.data pipeline in batches; every other format through
     # its predictor, on the images as stored (the same answers app.predict gives).
-    keras_model = config.model.endswith(prediction.KERAS_SUFFIX)
+    keras_model = config.model.endswith(predictors.KERAS_SUFFIX)
     if keras_model:
         bundle = load_model_bundle(config.model)
         class_names, folder = bundle.class_names, os.path.dirname(os.path.abspath(config.model))
     else:
-        predictor = prediction.load_predictor(config.model)
+        predictor = predictors.load_predictor(config.model)
         class_names, folder = predictor.class_names, predictor.folder
     # Unless train is evaluated, load one training image only: the hold-out is chosen
     # before the limit, and decoding 45,000 unused images would cost most of the run.

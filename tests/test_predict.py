@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from app import data, exporting, prediction
+from app import data, exporting, prediction, predictors
 from common.errors import UsageError
 from models.preprocessing import resize
 from tests.helpers import error_lines, require_cifar10, run_program
@@ -91,15 +91,15 @@ def test_resize_is_tf_bilinear_and_exact_at_the_models_size(images_dir):
 
 def test_load_predictor_rejects_unknown_paths(tmp_path):
     with pytest.raises(UsageError, match="model not found"):
-        prediction.load_predictor(str(tmp_path / "nothing.h5"))
+        predictors.load_predictor(str(tmp_path / "nothing.h5"))
     (tmp_path / "weights.h5").write_bytes(b"")
     with pytest.raises(UsageError, match=r"must be a \.keras file, a SavedModel folder"):
-        prediction.load_predictor(str(tmp_path / "weights.h5"))
+        predictors.load_predictor(str(tmp_path / "weights.h5"))
     with pytest.raises(UsageError, match="no SavedModel in"):
-        prediction.load_predictor(str(tmp_path))
+        predictors.load_predictor(str(tmp_path))
     (tmp_path / "model.tflite").write_bytes(b"not a flatbuffer")
     with pytest.raises(UsageError, match="is not a TFLite model"):
-        prediction.load_predictor(str(tmp_path / "model.tflite"))
+        predictors.load_predictor(str(tmp_path / "model.tflite"))
 
 
 # --------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def test_load_predictor_rejects_unknown_paths(tmp_path):
 def test_keras_predictor_matches_the_eval_pipeline(model_dir, cifar10_dir):
     """The predictor's decode + resize + normalise equals the data pipeline's, image for
     image, on real JPEGs (the model runs at 16x16, so both resize 32 -> 16)."""
-    predictor = prediction.load_predictor(str(model_dir / "best.keras"))
+    predictor = predictors.load_predictor(str(model_dir / "best.keras"))
     splits = data.load(data.DataConfig(data_dir=str(cifar10_dir), train_limit=1, eval_limit=40))
     examples = splits.validation
     logits = predictor.model.predict(
@@ -124,7 +124,7 @@ def test_keras_predictor_matches_the_eval_pipeline(model_dir, cifar10_dir):
 
 @pytest.mark.slow
 def test_classify_files_answers_every_image_and_names_the_bad_one(model_dir, images_dir):
-    predictor = prediction.load_predictor(str(model_dir / "best.keras"))
+    predictor = predictors.load_predictor(str(model_dir / "best.keras"))
     names = ["plane.jpg", "notes.txt", "cat_70x50.png", "ship_gray.png", "truck_rgba.png"]
     results = prediction.classify_files(predictor, [str(images_dir / n) for n in names], k=3)
     assert [pathlib.Path(r.path).name for r in results] == names
@@ -202,7 +202,7 @@ def _agreement_files(cifar10_dir: pathlib.Path, images_dir: pathlib.Path) -> lis
 @pytest.mark.slow
 def test_formats_agree_on_top1(model_dir, export_dir, cifar10_dir, images_dir):
     files = _agreement_files(cifar10_dir, images_dir)
-    keras_model = prediction.load_predictor(str(model_dir / "best.keras"))
+    keras_model = predictors.load_predictor(str(model_dir / "best.keras"))
     answers = {}
     for name, path in (
         ("keras", model_dir / "best.keras"),
@@ -210,7 +210,7 @@ def test_formats_agree_on_top1(model_dir, export_dir, cifar10_dir, images_dir):
         ("float32", export_dir / "model_float32.tflite"),
         ("int8", export_dir / "model_int8.tflite"),
     ):
-        predictor = keras_model if name == "keras" else prediction.load_predictor(str(path))
+        predictor = keras_model if name == "keras" else predictors.load_predictor(str(path))
         assert predictor.class_names == keras_model.class_names
         images = [prediction.read_image(f) for f in files]
         answers[name] = predictor.predict(images)
@@ -285,6 +285,6 @@ def test_evaluate_cli_on_the_int8_model_reads_the_training_runs_data(export_dir,
     assert f"top-1 accuracy  {document['top1_accuracy']:.4f}" in proc.stdout
     assert (export_dir / "confusion_validation_int8.png").is_file()
     splits = data.load(data.DataConfig(data_dir=str(cifar10_dir), train_limit=1, eval_limit=30))
-    predictor = prediction.load_predictor(str(export_dir / "model_int8.tflite"))
+    predictor = predictors.load_predictor(str(export_dir / "model_int8.tflite"))
     answers = predictor.predict(list(splits.validation.images)).argmax(1)
     assert document["top1_accuracy"] == pytest.approx(np.mean(answers == splits.validation.labels))

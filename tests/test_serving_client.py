@@ -322,11 +322,11 @@ def test_a_version_folder_stands_on_its_own(export_dir, served, image_files, tmp
     image size (assets.extra); an older export without them reads the export folder's."""
     import shutil
 
-    from app import prediction
+    from app import predictors
 
     alone = tmp_path / "server" / "resnet"
     shutil.copytree(export_dir / "saved_model" / "1", alone / "7")
-    predictor = prediction.load_predictor(str(alone))
+    predictor = predictors.load_predictor(str(alone))
     assert (predictor.path, predictor.class_names) == (str(alone / "7"), CLASSES)
     assert predictor.image_size == 16
     pixels = [client.read_pixels(f)[0] for f in image_files]
@@ -336,9 +336,9 @@ def test_a_version_folder_stands_on_its_own(export_dir, served, image_files, tmp
     older = tmp_path / "older"
     shutil.copytree(export_dir, older)
     shutil.rmtree(older / "saved_model" / "1" / saved_model.EXTRA_DIR)
-    predictor = prediction.load_predictor(str(older / "saved_model"))
+    predictor = predictors.load_predictor(str(older / "saved_model"))
     assert (predictor.class_names, predictor.image_size) == (CLASSES, 16)
     assert predictor.folder == str(older)
     shutil.rmtree(alone / "7" / saved_model.EXTRA_DIR)
     with pytest.raises(UsageError, match=r"labels\.txt not found in"):
-        prediction.load_predictor(str(alone))
+        predictors.load_predictor(str(alone))

@@ -1,0 +1,275 @@
+"""Loaded models that map decoded images to class probabilities, one class per format.
+
+`load_predictor` picks the class from the path: a `.keras` file (labels.txt and
+preprocessing.json beside it), a SavedModel (base path or version folder), a `.tflite` or a
+`.onnx` file. Every predictor takes uint8 RGB images of any size and resizes them with
+`models.preprocessing.resize`, the one resize of the project.
+
+Example:
+
+    from app import predictors
+    predictor = predictors.load_predictor("runs/cpu_quick/export/model_int8.tflite")
+    probabilities = predictor.predict([image])   # [1, classes]
+    print(predictor.class_names[probabilities[0].argmax()])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from common.errors import UsageError
+from models.bundle import LABELS_FILE, load_model_bundle, read_labels
+from models.preprocessing import FILENAME as PREPROCESSING_FILE
+from models.preprocessing import Preprocessing, resize
+
+KERAS_SUFFIX = ".keras"
+TFLITE_SUFFIX = ".tflite"
+ONNX_SUFFIX = ".onnx"
+# Images per model call: bounds memory for long file lists.
+BATCH = 64
+
+
+def _resized(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
+    """uint8 `[h, w, 3]` images of any sizes -> float32 `[n, S, S, 3]` pixels 0..255."""
+    import keras
+
+    return np.stack([keras.ops.convert_to_numpy(resize(im, image_size)) for im in images])
+
+
+class Predictor:
+    """A loaded model that maps decoded images to class probabilities.
+
+    Attributes:
+        kind: "keras", "saved_model", "tflite" or "onnx".
+        name: the format, for file names: "keras", "saved_model", or the `.tflite` variant
+            ("int8" for `model_int8.tflite`).
+        path: the model file or SavedModel version folder loaded.
+        folder: where the model's sidecars are (its model or export folder).
+        class_names: names by class index.
+        image_size: the model's square input size, or None when the model does not say.
+    """
+
+    kind: str = ""
+    name: str = ""
+    path: str = ""
+    folder: str = ""
+    class_names: list[str]
+    image_size: int | None = None
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 RGB images `[h, w, 3]` of any sizes -> float32 probabilities `[n, classes]`."""
+        raise NotImplementedError
+
+
+class KerasPredictor(Predictor):
+    """A `.keras` model (logits head) with its `labels.txt` and `preprocessing.json`."""
+
+    kind = name = "keras"
+
+    def __init__(self, path: str):
+        bundle = load_model_bundle(path)
+        self.path = path
+        self.folder = os.path.dirname(os.path.abspath(path))
+        self.model = bundle.model
+        self.class_names = bundle.class_names
+        self.preprocessing = bundle.preprocessing
+        self.image_size = bundle.preprocessing.image_size
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        import keras
+
+        size = self.preprocessing.image_size
+        out = []
+        for start in range(0, len(images), BATCH):
+            pixels = _resized(images[start : start + BATCH], size)
+            logits = self.model.predict_on_batch(self.preprocessing(pixels).astype(np.float32))
+            out.append(keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1)))
+        if not out:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+
+def find_labels(model_dir: str, levels: int = 2) -> str:
+    """`labels.txt` in `model_dir` or up to `levels` folders above it.
+
+    An export folder holds `saved_model/<N>/` with `labels.txt` two levels up.
+
+    Raises:
+        UsageError: not found.
+    """
+    directory = os.path.abspath(model_dir)
+    searched = []
+    for _ in range(levels + 1):
+        searched.append(directory)
+        if os.path.isfile(os.path.join(directory, LABELS_FILE)):
+            return directory
+        directory = os.path.dirname(directory)
+    raise UsageError(
+        f"{LABELS_FILE} not found in {' or '.join(searched)}: keep the files app.export "
+        "writes together"
+    )
+
+
+def export_folder(path: str) -> str:
+    """The export folder of an exported model: the `.tflite` file's folder, or the folder
+    holding a SavedModel's base path (`<export_dir>/saved_model/<N>/`); `path`'s own folder
+    when it is laid out otherwise."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        return os.path.dirname(path)
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):  # a version folder
+        path = os.path.dirname(path)
+    candidate = os.path.dirname(path)
+    if os.path.isfile(os.path.join(candidate, LABELS_FILE)):
+        return candidate
+    return path if os.path.isfile(os.path.join(path, LABELS_FILE)) else candidate
+
+
+class SavedModelPredictor(Predictor):
+    """A SavedModel's `serving_default` signature: uint8 images in, resized inside the graph
+    (`export.saved_model.load_serving`). Labels and image size from the version's
+    `assets.extra/`; for older exports, `labels.txt` and `preprocessing.json` beside it or up
+    to two folders above (`export/labels.txt` for `export/saved_model/<N>/`)."""
+
+    kind = name = "saved_model"
+
+    def __init__(self, path: str):
+        from export import saved_model
+
+        self.serving = saved_model.load_serving(path)
+        self.path = self.serving.path
+        self.folder = export_folder(self.path)
+        self.class_names = self.serving.class_names
+        preprocessing = self.serving.preprocessing
+        if self.class_names is None:
+            labels_dir = find_labels(self.path)
+            self.class_names = read_labels(labels_dir)
+            if os.path.isfile(os.path.join(labels_dir, PREPROCESSING_FILE)):
+                preprocessing = Preprocessing.load(labels_dir)
+        self.image_size = preprocessing.image_size if preprocessing else None
+        self._checked = False
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        out = []
+        start = 0
+        # Runs of images of one size go in one call (a batch shares one size).
+        while start < len(images):
+            stop = start + 1
+            shape = np.shape(images[start])
+            while stop < len(images) and stop - start < BATCH and np.shape(images[stop]) == shape:
+                stop += 1
+            batch = np.stack([np.asarray(im, np.uint8) for im in images[start:stop]])
+            result = self.serving.predict(batch)
+            if not self._checked:
+                self._check_labels(result)
+            out.append(result["probabilities"])
+            start = stop
+        if not out:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+    def _check_labels(self, result: dict) -> None:
+        """The labels found must agree with the names inside the model."""
+        probabilities = result["probabilities"][0]
+        if len(probabilities) != len(self.class_names):
+            raise UsageError(
+                f"{self.path} has {len(probabilities)} classes but {LABELS_FILE} lists "
+                f"{len(self.class_names)}"
+            )
+        inside = result["class_names"][0].decode()
+        if inside != self.class_names[int(np.argmax(probabilities))]:
+            raise UsageError(
+                f"{LABELS_FILE} next to {self.path} does not match the class names inside the "
+                f"model (it answers {inside!r}); keep the files app.export writes together"
+            )
+        self._checked = True
+
+
+class TFLitePredictor(Predictor):
+    """A `.tflite` model run by `export.tflite.TFLiteClassifier`: `[1, S, S, 3]` RGB pixels
+    0..255 in, probabilities out; `labels.txt` beside it.
+
+    Float models get the resized pixels as exact floats (rounding them to uint8 would put a
+    float model up to half a grey level off what Keras sees, which can flip a close top-1);
+    only the int8 model gets them rounded, to its uint8 input.
+    """
+
+    kind = "tflite"
+
+    def __init__(self, path: str):
+        from export.tflite import TFLiteClassifier
+
+        if not os.path.isfile(path):
+            raise UsageError(f"model file not found: {path}")
+        self.path = path
+        self.folder = export_folder(path)
+        self.name = os.path.basename(path).removesuffix(TFLITE_SUFFIX).removeprefix("model_")
+        try:
+            self.classifier = TFLiteClassifier(path)
+        except UsageError as e:  # empty, truncated, not a flatbuffer, another input shape
+            raise UsageError(f"{e}; copy it again, or export it again with app.export") from e
+        self.image_size = self.classifier.image_size
+        self.class_names = read_labels(find_labels(self.folder, 0))
+        classes = self.classifier.num_classes
+        if classes != len(self.class_names):
+            raise UsageError(
+                f"{path} has {classes} outputs but {LABELS_FILE} lists {len(self.class_names)}"
+            )
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        if not len(images):
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return self.classifier.predict(_resized(images, self.image_size))
+
+
+class ONNXPredictor(Predictor):
+    """`model.onnx` run by `export.onnx.ONNXClassifier` (ONNX Runtime): uint8 pixels resized
+    to its size, as the export's report feeds it; `labels.txt` beside it."""
+
+    kind = name = "onnx"
+
+    def __init__(self, path: str):
+        from export.onnx import ONNXClassifier
+
+        self.path, self.folder = path, export_folder(path)
+        self.classifier = ONNXClassifier(path)
+        self.image_size = self.classifier.image_size
+        self.class_names = read_labels(find_labels(self.folder, 0))
+        if self.classifier.num_classes != len(self.class_names):
+            raise UsageError(
+                f"{path} has {self.classifier.num_classes} outputs but {LABELS_FILE} lists "
+                f"{len(self.class_names)}"
+            )
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        from export.images import to_model_input
+
+        if not len(images):
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return self.classifier.predict(to_model_input(list(images), self.image_size))
+
+
+def load_predictor(path: str) -> Predictor:
+    """Loads a `.keras` file, a SavedModel (version folder or base path), a `.tflite` or
+    an `.onnx` file.
+
+    Raises:
+        UsageError: the path is missing, of no known format, broken, or lacks its labels.
+    """
+    if path.endswith(KERAS_SUFFIX):
+        return KerasPredictor(path)
+    if path.endswith(TFLITE_SUFFIX):
+        return TFLitePredictor(path)
+    if path.endswith(ONNX_SUFFIX):
+        return ONNXPredictor(path)
+    if os.path.isdir(path):
+        return SavedModelPredictor(path)
+    if not os.path.exists(path):
+        raise UsageError(f"model not found: {path}")
+    raise UsageError(
+        f"{path}: --model must be a .keras file, a SavedModel folder (the export's "
+        "saved_model/ or one of its version folders), a .tflite or a .onnx file"
+    )
