@@ -23,6 +23,8 @@ Example:
     blob = metadata.add_metadata(blob, class_names, metadata.ModelInfo("resnet18", "1"))
     info = metadata.read_metadata("export/model_int8.tflite")
     print(info.labels, info.mean, info.std)
+    top = metadata.mediapipe_top1("export/model_int8.tflite", pixels)  # as an app sees it
+    print(top.indices, top.names, top.scores)
 """
 
 from __future__ import annotations
@@ -96,6 +98,50 @@ class Metadata:
     input_type: str
     labels: list[str]
     output_range: tuple[float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class TopOne:
+    """What MediaPipe's ImageClassifier answers per image: its best category.
+
+    Attributes:
+        indices: int64 [n], the class index.
+        names: the category names, as MediaPipe read them from the metadata's labels ("" if
+            it found none).
+        scores: float32 [n], the score (the model's probability of that class).
+    """
+
+    indices: np.ndarray
+    names: list[str]
+    scores: np.ndarray
+
+
+def mediapipe_top1(path: str, images: np.ndarray) -> TopOne:
+    """Top-1 of a `.tflite` classifier as MediaPipe Tasks' ImageClassifier gives it.
+
+    The C++ task that Android and iOS apps run: it reads the input normalisation and the
+    labels from the metadata, resizes and feeds the image, and names the category.
+
+    Args:
+        path: a `.tflite` file with metadata (`add_metadata`).
+        images: uint8 RGB [n, S, S, 3] at the model's size (`export.images.to_model_input`).
+    """
+    import mediapipe as mp
+    from mediapipe.tasks.python.core.base_options import BaseOptions
+    from mediapipe.tasks.python.vision import image_classifier
+
+    options = image_classifier.ImageClassifierOptions(
+        base_options=BaseOptions(model_asset_path=path), max_results=1
+    )
+    indices, names, scores = [], [], []
+    with image_classifier.ImageClassifier.create_from_options(options) as classifier:
+        for image in images:
+            picture = mp.Image(image_format=mp.ImageFormat.SRGB, data=image.copy())
+            (top,) = classifier.classify(picture).classifications[0].categories
+            indices.append(top.index)
+            names.append(top.category_name or "")
+            scores.append(top.score)
+    return TopOne(np.asarray(indices, np.int64), names, np.asarray(scores, np.float32))
 
 
 def _schema():
