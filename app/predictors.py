@@ -188,9 +188,21 @@ class SavedModelPredictor(Predictor):
         self._checked = True
 
 
+def _tflite_labels(path: str, folder: str) -> list[str]:
+    """The class names inside a `.tflite` (its metadata's labels file), else `labels.txt`
+    beside it (an export from before the metadata)."""
+    from export import metadata
+
+    try:
+        return metadata.read_metadata(path).labels
+    except UsageError:
+        return read_labels(find_labels(folder, 0))
+
+
 class TFLitePredictor(Predictor):
     """A `.tflite` model run by `export.tflite.TFLiteClassifier`: `[1, S, S, 3]` RGB pixels
-    0..255 in, probabilities out; `labels.txt` beside it.
+    0..255 in, probabilities out; class names from its metadata (`labels.txt` beside it for
+    older exports).
 
     Float models get the resized pixels as exact floats (rounding them to uint8 would put a
     float model up to half a grey level off what Keras sees, which can flip a close top-1);
@@ -212,7 +224,7 @@ class TFLitePredictor(Predictor):
         except UsageError as e:  # empty, truncated, not a flatbuffer, another input shape
             raise UsageError(f"{e}; copy it again, or export it again with app.export") from e
         self.image_size = self.classifier.image_size
-        self.class_names = read_labels(find_labels(self.folder, 0))
+        self.class_names = _tflite_labels(path, self.folder)
         classes = self.classifier.num_classes
         if classes != len(self.class_names):
             raise UsageError(

@@ -58,3 +58,12 @@ def test_train_passes_model_dir_and_data_dir_when_given():
 def test_tensorboard_shows_the_run(assignments, logdir):
     lines = [line for line in planned("tensorboard", *assignments) if "tensorboard " in line]
     assert lines and lines[-1].split()[-1] == f"--logdir={logdir}"
+
+
+def test_the_suite_runs_on_test_workers_processes():
+    (suite,) = [line for line in planned("test") if "-m pytest" in line]
+    assert "-n 2 --dist loadfile" in suite, suite
+    (serial,) = [line for line in planned("test", "TEST_WORKERS=0") if "-m pytest" in line]
+    assert "-n" not in serial.split(), serial
+    (fast,) = [line for line in planned("test-fast", "TEST_WORKERS=3") if "-m pytest" in line]
+    assert "-n 3 --dist loadfile" in fast and '-m "not slow"' in fast, fast

@@ -17,6 +17,7 @@ from PIL import Image
 
 from app import data, exporting, prediction, predictors
 from common.errors import UsageError
+from models.bundle import read_labels
 from models.preprocessing import resize
 from tests.helpers import error_lines, require_cifar10, run_program
 
@@ -288,3 +289,14 @@ def test_evaluate_cli_on_the_int8_model_reads_the_training_runs_data(export_dir,
     predictor = predictors.load_predictor(str(export_dir / "model_int8.tflite"))
     answers = predictor.predict(list(splits.validation.images)).argmax(1)
     assert document["top1_accuracy"] == pytest.approx(np.mean(answers == splits.validation.labels))
+
+
+@pytest.mark.slow
+def test_a_tflite_copied_alone_names_classes_from_its_metadata(export_dir, tmp_path):
+    """A phone app ships the .tflite alone: the class names travel inside it."""
+    import shutil
+
+    alone = tmp_path / "model_int8.tflite"
+    shutil.copy(export_dir / "model_int8.tflite", alone)
+    predictor = predictors.load_predictor(str(alone))
+    assert predictor.class_names == read_labels(str(export_dir))

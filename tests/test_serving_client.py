@@ -30,6 +30,7 @@ from tensorflow_serving.apis import predict_pb2
 
 from common.errors import UsageError, first_line
 from export import client, exporter, saved_model
+from export.graph import UNKNOWN_FORMAT as NOT_AN_IMAGE
 from models import preprocessing
 from models.bundle import load_model_bundle
 from tests.helpers import REPO, encode, random_images, save_bundle, tiny_model
@@ -262,14 +263,17 @@ def test_table_output_and_one_line_errors(rest_server, grpc_server, image_files,
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     cases = [
-        ([f"--host={rest_server}", str(text)], "HTTP 400: Unknown image file format"),
+        (
+            [f"--host={rest_server}", str(text)],
+            "HTTP 400: assertion failed: [not a JPEG, PNG, GIF, BMP or WebP image",
+        ),
         ([f"--host={rest_server}", "--version=7", image_files[0]], "HTTP 404: Servable not found"),
         (["--host=127.0.0.1:1", image_files[0]], "cannot reach http://127.0.0.1:1/v1/models"),
         (["--host=x", str(tmp_path / "missing.png")], "missing.png: cannot read"),
         (["--host=x", "--signature=serving_default", str(text)], "notes.txt: not a readable"),
         (
             [f"--host={grpc_server[0]}", "--protocol=grpc", str(text)],
-            "INVALID_ARGUMENT: Unknown image file format",
+            f"INVALID_ARGUMENT: assertion failed: [{NOT_AN_IMAGE}",
         ),
     ]
     for args, message in cases:
