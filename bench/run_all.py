@@ -2,7 +2,8 @@
 
 Sections: training throughput of our ResNet-50 against keras.applications.ResNet50 (32x32
 with the ImageNet stem; the CIFAR stem against keras.applications fed the same batches
-resized to 128x128), with MFU against matmul peaks measured in the same run; the input
+resized to 128x128), with MFU against matmul peaks measured in the same run; `make train`'s
+recipe in `fit` on real data against its bare step (`bench.profile_fit`); the input
 pipeline against the training step (`bench.bench_data`); inference in every exported form;
 peak memory of a training run. About 11 minutes on the idle 2-core development machine.
 
@@ -21,12 +22,14 @@ from absl import flags, logging
 from app import cli
 from bench import common, train_report
 
-SECTIONS = ("train", "train_cifar", "data", "inference", "memory")
+SECTIONS = ("train", "train_cifar", "fit", "data", "inference", "memory")
 # The plain reference of the issue: keras.applications.ResNet50 in model.fit, float32.
 BASELINE = "keras-imagenet-f32"
 # Ours with stock Keras layers: what the two layers of models/layers.py give, same run.
 ABLATION_CASES = ("ours-imagenet-f32", "ours-imagenet-bf16")
 TARGET_SPEEDUP = 1.5
+# The recipe `make train` runs, for the fit section.
+FIT_RECIPE = "app/configs/cifar10_cpu_quick.flags"
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.md")
 
 
@@ -87,6 +90,48 @@ def train_cifar_section(repeats: int):
         )
 
     return render
+
+
+def fit_section() -> str:
+    """`make train`'s recipe in `fit` on real data against its bare step (`bench.profile_fit`,
+    in its own process: `app.training.train` must configure TensorFlow first)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from common.errors import UsageError
+
+    data_dir = common.default_data_dir()
+    if not os.path.isdir(os.path.expanduser(data_dir)):
+        raise UsageError(
+            f"the fit section trains on real CIFAR-10, not found at {data_dir}: "
+            "make bench DATA_DIR=DIR, or leave fit out of --sections"
+        )
+    with tempfile.TemporaryDirectory(prefix="profile_fit-") as tmp:
+        report = os.path.join(tmp, "report.md")
+        command = [
+            sys.executable,
+            "-m",
+            "bench.profile_fit",
+            f"--flagfile={FIT_RECIPE}",
+            f"--data_dir={data_dir}",
+            "--epochs=2",
+            "--verbose=0",
+            f"--model_dir={os.path.join(tmp, 'run')}",
+            f"--trace_dir={os.path.join(tmp, 'trace')}",
+            f"--report={report}",
+        ]
+        subprocess.run(command, check=True)
+        with open(report) as f:
+            tables = f.read().strip()
+    return "\n".join(
+        [
+            f"### `fit` on real data vs the bare step (`python -m bench.profile_fit "
+            f"--flagfile={FIT_RECIPE} --epochs=2 --trace_dir=...`)",
+            "",
+            tables,
+        ]
+    )
 
 
 def data_section() -> str:
@@ -157,6 +202,7 @@ def main(argv: list[str]) -> None:
     builders = {
         "train": lambda: train_section(repeats),
         "train_cifar": lambda: train_cifar_section(repeats),
+        "fit": fit_section,
         "data": data_section,
         "inference": inference_section,
         "memory": memory_section,
