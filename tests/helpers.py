@@ -203,3 +203,18 @@ def write_folder(root, classes=("cat", "dog"), per_class: int = 5, size: int = 8
         for i in range(per_class):
             image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             write_png(root / c / f"{i}.{ext}", image)
+
+
+def serve_predict_request(signatures, request):
+    """What TF Serving does with a gRPC `PredictRequest`: TensorProtos in, the named
+    signature of a loaded SavedModel, TensorProtos out (a `PredictResponse`)."""
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+    signature = signatures[request.model_spec.signature_name or "serving_default"]
+    inputs = {name: tf.constant(tf.make_ndarray(t)) for name, t in request.inputs.items()}
+    response = predict_pb2.PredictResponse()
+    response.model_spec.CopyFrom(request.model_spec)
+    for name, value in signature(**inputs).items():
+        response.outputs[name].CopyFrom(tf.make_tensor_proto(value.numpy()))
+    return response

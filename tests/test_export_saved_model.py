@@ -19,12 +19,11 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2
 
 from common.errors import UsageError
 from export import client, saved_model
 from models import preprocessing as preprocessing_lib
-from tests.helpers import encode, keras_reference, random_images, tiny_model
+from tests.helpers import encode, keras_reference, random_images, serve_predict_request, tiny_model
 
 CLASSES = [f"class_{i}" for i in range(10)]  # the resnet18 fixture's
 
@@ -87,18 +86,6 @@ def test_serving_bytes_decodes_jpeg_and_png_of_mixed_sizes(served, resnet18):
         assert out["class_names"][i].decode() == CLASSES[ref.argmax()]
 
 
-def _serve(loaded_signatures, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-    """What TF Serving does with a PredictRequest: tensors in, the signature, tensors out."""
-    request = predict_pb2.PredictRequest.FromString(request.SerializeToString())
-    signature = loaded_signatures[request.model_spec.signature_name or "serving_default"]
-    inputs = {name: tf.constant(tf.make_ndarray(t)) for name, t in request.inputs.items()}
-    response = predict_pb2.PredictResponse()
-    response.model_spec.CopyFrom(request.model_spec)
-    for name, value in signature(**inputs).items():
-        response.outputs[name].CopyFrom(tf.make_tensor_proto(value.numpy()))
-    return response
-
-
 def _rest_instances(body: dict) -> dict[str, tf.Tensor]:
     """TF Serving's REST row format: a list of instances, `{"b64": ...}` for binary strings."""
     rows = json.loads(json.dumps(body))["instances"]
@@ -115,7 +102,7 @@ def test_grpc_request_and_rest_body_give_the_same_classes(served):
 
     request = client.predict_request("resnet", images=images, version=1)
     assert request.model_spec.signature_name == "serving_default"
-    outputs = client.response_outputs(_serve(served.signatures, request))
+    outputs = client.response_outputs(serve_predict_request(served.signatures, request))
     np.testing.assert_array_equal(outputs["classes"], direct["classes"])
     np.testing.assert_array_equal(outputs["class_names"], direct["class_names"])
     np.testing.assert_allclose(outputs["probabilities"], direct["probabilities"], atol=1e-6)
@@ -129,7 +116,7 @@ def test_grpc_request_and_rest_body_give_the_same_classes(served):
     np.testing.assert_array_equal(rest["class_names"].numpy(), direct["class_names"])
 
     grpc_bytes = client.predict_request("resnet", image_bytes=pngs)
-    outputs = client.response_outputs(_serve(served.signatures, grpc_bytes))
+    outputs = client.response_outputs(serve_predict_request(served.signatures, grpc_bytes))
     np.testing.assert_array_equal(outputs["classes"], direct["classes"])
 
 
@@ -143,7 +130,7 @@ def test_grpc_predict_over_the_wire(served):
 
     class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         def Predict(self, request, context):
-            return _serve(served.signatures, request)
+            return serve_predict_request(served.signatures, request)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Servicer(), server)
@@ -170,7 +157,7 @@ def test_warmup_requests_replay_through_both_signatures(served):
         "serving_default",
     ]
     for request in requests:
-        outputs = client.response_outputs(_serve(served.signatures, request))
+        outputs = client.response_outputs(serve_predict_request(served.signatures, request))
         assert outputs["probabilities"].shape == (1, 10)
 
 

@@ -26,14 +26,20 @@ from concurrent import futures
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2
 
 from common.errors import UsageError, first_line
 from export import client, exporter, saved_model
 from export.graph import UNKNOWN_FORMAT as NOT_AN_IMAGE
 from models import preprocessing
 from models.bundle import load_model_bundle
-from tests.helpers import REPO, encode, random_images, save_bundle, tiny_model
+from tests.helpers import (
+    REPO,
+    encode,
+    random_images,
+    save_bundle,
+    serve_predict_request,
+    tiny_model,
+)
 
 CLASSES = [f"class_{i}" for i in range(10)]
 MODEL_NAME = "resnet"
@@ -154,18 +160,6 @@ def rest_server(served):
     server.shutdown()
 
 
-def _grpc_answer(signatures, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-    """TF Serving's gRPC Predict: TensorProtos in, the signature, TensorProtos out."""
-    request = predict_pb2.PredictRequest.FromString(request.SerializeToString())
-    signature = signatures[request.model_spec.signature_name or "serving_default"]
-    inputs = {name: tf.constant(tf.make_ndarray(t)) for name, t in request.inputs.items()}
-    response = predict_pb2.PredictResponse()
-    response.model_spec.CopyFrom(request.model_spec)
-    for name, value in signature(**inputs).items():
-        response.outputs[name].CopyFrom(tf.make_tensor_proto(value.numpy()))
-    return response
-
-
 @pytest.fixture(scope="module")
 def grpc_server(served):
     import grpc
@@ -177,7 +171,7 @@ def grpc_server(served):
         def Predict(self, request, context):
             seen.append(request)
             try:
-                return _grpc_answer(served.signatures, request)
+                return serve_predict_request(served.signatures, request)
             except tf.errors.InvalidArgumentError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, first_line(e))
 
