@@ -17,11 +17,15 @@ model's accuracy on a whole split. The class names come from the export itself, 
 flags from the training run of the model it was exported from (its report.json names it), and
 the files, named after the format (`eval_validation_int8.json`), go into the export folder.
 
+--flip scores each image by the mean of its prediction and its mirror image's (test-time
+augmentation, twice the cost); its files are named `*_flip` (`eval_validation_flip.json`).
+
 Usage:
 
     python -m app.evaluate --model=runs/cpu_quick/best.keras
     python -m app.evaluate --model=runs/cpu_quick/export/model_int8.tflite
     python -m app.evaluate --model=runs/cpu_quick/export/saved_model --split=validation
+    python -m app.evaluate --model=runs/cpu_quick/best.keras --split=validation --flip
     python -m app.evaluate --model=runs/cpu_quick/best.keras --data_dir=~/data/cifar10 \\
         --split=validation --eval_limit=1000 --output_dir=/tmp/eval
 """
@@ -39,11 +43,12 @@ _OUTPUT_DIR: flags.FlagHolder[str]
 _BATCH_SIZE: flags.FlagHolder[int]
 _SEED: flags.FlagHolder[int]
 _VERBOSE: flags.FlagHolder[int]
+_FLIP: flags.FlagHolder[bool]
 
 
 def define_flags() -> None:
     """Defines this program's flags plus the shared data flags."""
-    global _MODEL, _SPLIT, _OUTPUT_DIR, _BATCH_SIZE, _SEED, _VERBOSE
+    global _MODEL, _SPLIT, _OUTPUT_DIR, _BATCH_SIZE, _SEED, _VERBOSE, _FLIP
     _MODEL = flags.DEFINE_string(
         "model",
         None,
@@ -67,6 +72,12 @@ def define_flags() -> None:
         "(flags.txt beside the model), else 0.",
     )
     _VERBOSE = flags.DEFINE_integer("verbose", 1, "1: progress bar; 0: quiet.", lower_bound=0)
+    _FLIP = flags.DEFINE_bool(
+        "flip",
+        False,
+        "Test-time augmentation: average each image's prediction with its mirror's "
+        "(twice the cost; the figures a recipe quotes with it say so).",
+    )
     flags.mark_flag_as_required("model")
     data_flags.define_data_flags()
     flags.adopt_module_key_flags(data_flags)  # listed by --help
@@ -90,6 +101,7 @@ def main(argv: list[str]) -> None:
             output_dir=_OUTPUT_DIR.value,
             batch_size=_BATCH_SIZE.value,
             verbose=_VERBOSE.value,
+            flip=_FLIP.value,
         )
     )
 

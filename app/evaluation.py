@@ -128,7 +128,12 @@ def sample_indices(num_examples: int, n: int = GRID_IMAGES) -> list[int]:
 
 
 def predict_logits(
-    model, dataset, keep: Sequence[int] = (), verbose: int = 1, total: int | None = None
+    model,
+    dataset,
+    keep: Sequence[int] = (),
+    verbose: int = 1,
+    total: int | None = None,
+    flip: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
     """Runs `model` over a finite `(images, labels)` dataset in one pass.
 
@@ -138,6 +143,7 @@ def predict_logits(
         keep: example indices whose (normalised) input images to return.
         verbose: 1 shows a Keras progress bar.
         total: number of examples, for the progress bar.
+        flip: test-time augmentation: the mean of the logits of each image and its mirror.
 
     Returns:
         (float32 logits [n, classes], int64 labels [n], {index: normalised image}).
@@ -150,7 +156,11 @@ def predict_logits(
     seen = 0
     for images, batch_labels in dataset:
         # predict_on_batch runs the compiled predict function (no per-batch retracing).
-        logits.append(np.asarray(model.predict_on_batch(images), np.float32))
+        batch_logits = np.asarray(model.predict_on_batch(images), np.float32)
+        if flip:
+            mirrored = np.asarray(model.predict_on_batch(images[:, :, ::-1]), np.float32)
+            batch_logits = (batch_logits + mirrored) / 2
+        logits.append(batch_logits)
         labels.append(np.asarray(batch_labels, np.int64))
         for i in wanted.intersection(range(seen, seen + len(batch_labels))):
             kept[i] = np.asarray(images[i - seen])
@@ -182,9 +192,15 @@ def stored_batches(examples, batch_size: int):
 
 
 def predict_probabilities(
-    predictor, examples, keep: Sequence[int] = (), verbose: int = 1, batch_size: int = 128
+    predictor,
+    examples,
+    keep: Sequence[int] = (),
+    verbose: int = 1,
+    batch_size: int = 128,
+    flip: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """Runs an `app.predictors.Predictor` (any format) over a split's stored images.
+    """Runs an `app.predictors.Predictor` (any format) over a split's stored images;
+    with `flip`, the mean of the probabilities of each image and its mirror.
 
     Returns:
         (float32 probabilities [n, classes], int64 labels [n], {index: float 0..255 image
@@ -199,7 +215,11 @@ def predict_probabilities(
     progress = keras.utils.Progbar(examples.num_examples, verbose=verbose, unit_name="image")
     seen = 0
     for images, batch_labels in stored_batches(examples, batch_size):
-        probabilities.append(predictor.predict(images))
+        batch_probabilities = predictor.predict(images)
+        if flip:
+            mirrored = predictor.predict([image[:, ::-1] for image in images])
+            batch_probabilities = (batch_probabilities + mirrored) / 2
+        probabilities.append(batch_probabilities)
         labels.append(batch_labels)
         for i in wanted.intersection(range(seen, seen + len(images))):
             size = predictor.image_size or DISPLAY_SIZE
@@ -286,6 +306,7 @@ class EvalConfig:
             its export folder).
         batch_size: images per batch.
         verbose: 1 shows a progress bar.
+        flip: test-time augmentation, each image and its mirror (twice the cost).
     """
 
     model: str
@@ -294,6 +315,7 @@ class EvalConfig:
     output_dir: str | None = None
     batch_size: int = 128
     verbose: int = 1
+    flip: bool = False
 
 
 def evaluate(config: EvalConfig) -> tuple[EvalResult, dict[str, str]]:
@@ -336,16 +358,23 @@ def evaluate(config: EvalConfig) -> tuple[EvalResult, dict[str, str]]:
     if keras_model:
         dataset = data.eval_dataset(examples, bundle.preprocessing, config.batch_size)
         scores, labels, kept = predict_logits(
-            bundle.model, dataset, keep, verbose=config.verbose, total=examples.num_examples
+            bundle.model,
+            dataset,
+            keep,
+            verbose=config.verbose,
+            total=examples.num_examples,
+            flip=config.flip,
         )
         figure = bundle.preprocessing.invert(np.stack([kept[i] for i in keep]))
         model_format, tag = "keras", ""
     else:
         scores, labels, kept = predict_probabilities(
-            predictor, examples, keep, config.verbose, config.batch_size
+            predictor, examples, keep, config.verbose, config.batch_size, flip=config.flip
         )
         figure = np.stack([kept[i] for i in keep])
         model_format, tag = predictor.name, f"_{predictor.name}"
+    if config.flip:  # beside, not over, the plain evaluation's files
+        tag += "_flip"
     result = compute_metrics(scores, labels, class_names, split, from_logits=keras_model)
     paths = write_outputs(
         result,
@@ -357,6 +386,7 @@ def evaluate(config: EvalConfig) -> tuple[EvalResult, dict[str, str]]:
             "model": os.path.abspath(config.model),
             "format": model_format,
             "requested_split": config.split,
+            "test_time_flip": config.flip,
             "data_source": splits.source,
             "data_origin": examples.origin,
             "data_config": dataclasses.asdict(config.data),

@@ -11,7 +11,7 @@ steady-state steps after `--warmup_steps` untimed ones.
 A case is written `<model>-<stem>-<precision>[+option...]`:
   model      ours (models.resnet.resnet50) | ours18 (resnet18, the quick recipe's model) |
              keras (keras.applications.ResNet50, weights=None, no softmax)
-  stem       imagenet (32x32 input) | cifar (ours only) | up128 (keras only: the 32x32
+  stem       imagenet (32x32 input) | cifar, cifar_pool (ours only) | up128 (keras only: the 32x32
              batch resized to 128x128 inside the model, so its stages see the same
              32/16/8/4 feature maps as our CIFAR stem)
   precision  f32 | bf16 (mixed_bfloat16)
@@ -21,7 +21,9 @@ A case is written `<model>-<stem>-<precision>[+option...]`:
              mm (1x1 and other matmul-shaped convolutions as one matmul:
                  models.layers.MatmulConv2D),
              fbn (batch norm through TensorFlow's fused kernel in training:
-                 models.layers.FusedBatchNormalization)
+                 models.layers.FusedBatchNormalization),
+             fsgd (the SGD momentum update in one kernel per variable, as app.train
+                 runs it: app.training.recipe.FusedSGD; without it Keras' SGD)
              Without mm/fbn a case has stock Conv2D/BatchNormalization layers, ours included
              (`models.resnet` itself builds with both: ours-...+mm+fbn is what app.train runs).
 
@@ -60,7 +62,9 @@ CIFAR_CASES = (
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
 _POLICIES = {"f32": "float32", "bf16": "mixed_bfloat16"}
-_CASE = re.compile(r"^(ours|ours18|keras)-(imagenet|cifar|up128)-(f32|bf16)((?:\+[a-z0-9]+)*)$")
+_CASE = re.compile(
+    r"^(ours|ours18|keras)-(imagenet|cifar|cifar_pool|up128)-(f32|bf16)((?:\+[a-z0-9]+)*)$"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,7 @@ class Case:
     channels_first: bool = False
     matmul_convs: bool = False
     fused_bn: bool = False
+    fused_sgd: bool = False
 
     @classmethod
     def parse(cls, name: str) -> Case:
@@ -86,12 +91,13 @@ class Case:
         match = _CASE.match(name)
         if not match:
             raise UsageError(
-                f"bad case {name!r}: write <ours|ours18|keras>-<imagenet|cifar|up128>-<f32|bf16>"
-                "[+xla][+spe<N>][+v1][+nchw][+mm][+fbn]"
+                f"bad case {name!r}: write <ours|ours18|keras>-"
+                "<imagenet|cifar|cifar_pool|up128>-<f32|bf16>[+xla][+spe<N>][+v1][+nchw][+mm][+fbn][+fsgd]"
             )
         model, stem, precision, options = match.groups()
-        if (model == "keras" and stem == "cifar") or (model != "keras" and stem == "up128"):
-            raise UsageError(f"bad case {name!r}: cifar is ours only, up128 is keras only")
+        keras_model = model == "keras"
+        if (keras_model and stem.startswith("cifar")) or (not keras_model and stem == "up128"):
+            raise UsageError(f"bad case {name!r}: cifar stems are ours only, up128 keras only")
         kwargs: dict = {}
         for option in filter(None, options.split("+")):
             if option == "xla":
@@ -104,6 +110,8 @@ class Case:
                 kwargs["matmul_convs"] = True
             elif option == "fbn":
                 kwargs["fused_bn"] = True
+            elif option == "fsgd":
+                kwargs["fused_sgd"] = True
             elif re.fullmatch(r"spe[1-9][0-9]*", option):
                 kwargs["steps_per_execution"] = int(option[3:])
             else:
@@ -177,8 +185,11 @@ def compile_model(model, case: Case) -> None:
     """The one training setup every case shares (as app.train compiles)."""
     import keras
 
+    from app.training.recipe import FusedSGD
+
+    sgd = FusedSGD if case.fused_sgd else keras.optimizers.SGD
     model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9),
+        optimizer=sgd(learning_rate=0.01, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=case.jit_compile,

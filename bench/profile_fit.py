@@ -58,7 +58,7 @@ class Timeline:
 
             def on_train_batch_begin(self, batch, logs=None):
                 outer._begin = time.perf_counter()
-                outer._trace(batch)
+                outer._trace(batch, self.params.get("steps"))
 
             def on_train_batch_end(self, batch, logs=None):
                 outer.batches.append((outer._epoch, outer._begin, time.perf_counter()))
@@ -70,19 +70,27 @@ class Timeline:
                 outer.tests.append((outer._epoch, outer._test, time.perf_counter()))
 
             def on_epoch_end(self, epoch, logs=None):
+                outer._stop_trace()  # an epoch shorter than the trace
                 outer.epochs.append((epoch, outer._epoch_begin, time.perf_counter()))
 
         self.callback = Callback()
 
-    def _trace(self, batch: int) -> None:
+    def _trace(self, batch: int, steps: int | None) -> None:
         import tensorflow as tf
 
         if self._trace_epoch is None or self._epoch != self._trace_epoch:
             return
-        if batch == 20 and not self._tracing:
+        first = min(20, (steps or 80) // 4)  # past the epoch's first, slower steps
+        if batch == first and not self._tracing:
             tf.profiler.experimental.start(_TRACE_DIR.value)
             self._tracing = True
-        elif batch == 20 + _TRACE_STEPS.value and self._tracing:
+        elif batch == first + _TRACE_STEPS.value:
+            self._stop_trace()
+
+    def _stop_trace(self) -> None:
+        import tensorflow as tf
+
+        if self._tracing:
             tf.profiler.experimental.stop()
             self._tracing, self._trace_epoch = False, None
 

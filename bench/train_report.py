@@ -22,6 +22,7 @@ def describe(case: bench_train.Case) -> tuple[str, str, str]:
     stem = {
         "imagenet": "32x32, ImageNet stem",
         "cifar": "32x32, CIFAR stem",
+        "cifar_pool": "32x32, CIFAR stem + max-pool (16x16 into conv2)",
         "up128": "32x32 resized to 128x128 in the model",
     }[case.stem]
     settings = [case.policy]
@@ -35,6 +36,8 @@ def describe(case: bench_train.Case) -> tuple[str, str, str]:
         settings.append("matmul 1x1 convs")
     if case.fused_bn:
         settings.append("fused batch norm")
+    if case.fused_sgd:
+        settings.append("fused SGD update")
     return model, stem, ", ".join(settings)
 
 

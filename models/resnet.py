@@ -23,7 +23,7 @@ from keras import layers
 
 from models.layers import FusedBatchNormalization, MatmulConv2D
 
-Stem = Literal["imagenet", "cifar"]
+Stem = Literal["imagenet", "cifar", "cifar_pool"]
 StrideOn = Literal["1x1", "3x3"]
 
 # Same epsilon as keras.applications, so its ImageNet statistics fold in exactly.
@@ -194,18 +194,23 @@ def make_layer(
 
 
 def build_stem(x, kind: Stem):
-    """ImageNet stem (7x7/2 conv + 3x3/2 max-pool) or CIFAR stem (3x3/1 conv).
+    """ImageNet stem (7x7/2 conv + 3x3/2 max-pool), CIFAR stem (3x3/1 conv) or both halves.
 
-    Both pad symmetrically (3 pixels for the conv, 1 for the pool), as
-    `keras.applications` and torchvision do.
+    `cifar_pool` is the CIFAR stem's 3x3/1 conv followed by the ImageNet stem's max-pool:
+    at 32x32 it feeds 16x16 maps into conv2, between the ImageNet stem's 8x8 (cheap,
+    coarse) and the CIFAR stem's 32x32 (16x the cost of 8x8). All pad symmetrically (3
+    pixels for the 7x7 conv, 1 for the pool), as `keras.applications` and torchvision do.
     """
     if kind == "imagenet":
         x = conv_bn(x, 64, 7, strides=2, name="conv1")
-        x = layers.ZeroPadding2D(padding=1, name="pool1_pad")(x)
-        return layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    elif kind in ("cifar", "cifar_pool"):
+        x = conv_bn(x, 64, 3, strides=1, name="conv1")
+    else:
+        raise ValueError(f'stem must be "imagenet", "cifar" or "cifar_pool", got {kind!r}')
     if kind == "cifar":
-        return conv_bn(x, 64, 3, strides=1, name="conv1")
-    raise ValueError(f'stem must be "imagenet" or "cifar", got {kind!r}')
+        return x
+    x = layers.ZeroPadding2D(padding=1, name="pool1_pad")(x)
+    return layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
 
 
 def resnet(
@@ -229,7 +234,7 @@ def resnet(
         blocks_per_stage: blocks in conv2_x .. conv5_x, e.g. (3, 4, 6, 3).
         num_classes: logits of the head.
         input_shape: (height, width, channels); height/width may be None.
-        stem: "imagenet" or "cifar" (see `build_stem`).
+        stem: "imagenet", "cifar" or "cifar_pool" (see `build_stem`).
         include_top: whether to add pooling + dropout + Dense logits head.
         weights: None, "imagenet" (Keras Applications weights, downloaded by
             Keras) or a path to a weights file (see `models.weights`).
@@ -260,7 +265,7 @@ def resnet(
     x = build_stem(inputs, stem)
     filters = 64
     for i, (stage, blocks) in enumerate(zip(STAGE_NAMES, blocks_per_stage, strict=True)):
-        # The CIFAR stem keeps 32x32 into conv2; ImageNet's max-pool already halved it.
+        # conv2 keeps the stem's resolution: the stems already downsample (or not).
         strides = 1 if i == 0 else 2
         x = make_layer(x, block, filters, blocks, strides, stride_on, zero_init_last, name=stage)
         filters *= 2

@@ -55,9 +55,13 @@ def test_case_names_parse_and_bad_ones_fail_with_one_line():
     assert case.steps_per_execution == 8 and case.matmul_convs and not case.jit_compile
     assert bench_train.Case.parse("keras-up128-f32+xla").jit_compile
     assert bench_train.Case.parse("ours18-cifar-f32").model == "ours18"
+    pooled = bench_train.Case.parse("ours18-cifar_pool-bf16+mm+fbn+fsgd")
+    assert pooled.stem == "cifar_pool" and pooled.fused_sgd and pooled.fused_bn
+    assert not bench_train.Case.parse("ours-imagenet-f32").fused_sgd
     for bad in (
         "ours-imagenet",
         "keras-cifar-f32",
+        "keras-cifar_pool-f32",
         "ours-up128-f32",
         "ours-imagenet-f32+fast",
         "keras-imagenet-f32+v1",

@@ -159,6 +159,52 @@ def test_training_run_flags_give_the_data_to_evaluate_and_export_on(tmp_path):
         data_flags.training_run_flags(model)
 
 
+def _asymmetric_model():
+    """A tiny model whose logits change when the image is mirrored."""
+    import keras
+
+    inputs = keras.Input((4, 4, 3))
+    x = keras.layers.Flatten()(inputs)
+    outputs = keras.layers.Dense(3, kernel_initializer=keras.initializers.RandomNormal(seed=1))(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_flip_averages_the_logits_of_each_image_and_its_mirror():
+    import tensorflow as tf
+
+    model = _asymmetric_model()
+    images = np.random.default_rng(0).uniform(size=(5, 4, 4, 3)).astype(np.float32)
+    labels = np.arange(5) % 3
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)
+    plain, _, _ = evaluation.predict_logits(model, dataset, verbose=0)
+    flipped, seen, _ = evaluation.predict_logits(model, dataset, verbose=0, flip=True)
+    mirror = model.predict(images[:, :, ::-1], verbose=0)
+    np.testing.assert_allclose(plain, model.predict(images, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(flipped, (plain + mirror) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(flipped, plain)
+    np.testing.assert_array_equal(seen, labels)
+
+
+def test_flip_averages_the_probabilities_of_any_format():
+    class LeftColumn:
+        """Probabilities from the mean of each image's left column (a mirror changes it)."""
+
+        image_size = None
+
+        def predict(self, images):
+            left = np.stack([image[:, 0].mean(axis=0) for image in images]).astype(np.float32)
+            return left / left.sum(axis=1, keepdims=True)
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 255, size=(3, 4, 4, 3)).astype(np.uint8)
+    examples = data.Examples(images=images, labels=np.zeros(3, np.int64), origin="test")
+    predictor = LeftColumn()
+    flipped, _, _ = evaluation.predict_probabilities(predictor, examples, verbose=0, flip=True)
+    expected = (predictor.predict(list(images)) + predictor.predict(list(images[:, :, ::-1]))) / 2
+    np.testing.assert_allclose(flipped, expected, rtol=1e-6)
+    assert not np.allclose(flipped, predictor.predict(list(images)))
+
+
 # --------------------------------------------------------------------------------------
 # With a trained model and real images
 
@@ -238,3 +284,40 @@ def test_evaluate_refuses_data_with_other_classes(model_dir, cifar10_dir, tmp_pa
     assert len(errors) == 1 and "differ from the model's labels.txt" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_evaluate_cli_flip_scores_the_mean_of_each_image_and_its_mirror(
+    model_dir, cifar10_dir, tmp_path
+):
+    from models.bundle import load_model_bundle
+
+    out = tmp_path / "eval"
+    proc = run_program(
+        "app.evaluate",
+        f"--model={model_dir / 'best.keras'}",
+        "--split=validation",
+        "--eval_limit=120",
+        "--flip",
+        f"--output_dir={out}",
+        "--verbose=0",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == [
+        "confusion_validation_flip.png",
+        "eval_validation_flip.json",
+        "predictions_validation_flip.png",
+    ]
+    report = json.loads((out / "eval_validation_flip.json").read_text())
+    assert report["test_time_flip"] is True
+
+    bundle = load_model_bundle(str(model_dir / "best.keras"))
+    splits = data.load(data.DataConfig(data_dir=str(cifar10_dir), train_limit=1, eval_limit=120))
+    images = np.concatenate(
+        [x for x, _ in data.eval_dataset(splits.validation, bundle.preprocessing, 64)]
+    )
+    logits = bundle.model.predict(images, verbose=0) + bundle.model.predict(
+        images[:, :, ::-1], verbose=0
+    )
+    top1 = np.mean(logits.argmax(1) == splits.validation.labels)
+    assert report["top1_accuracy"] == pytest.approx(top1)

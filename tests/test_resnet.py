@@ -55,6 +55,30 @@ def test_cifar_stem_stage_shapes_on_32x32():
     }
 
 
+def test_cifar_pool_stem_feeds_16x16_maps_into_conv2_on_32x32():
+    model = resnet.resnet18(num_classes=10, input_shape=(32, 32, 3), stem="cifar_pool")
+    shapes = {k: tuple(v.shape[1:]) for k, v in resnet.stage_outputs(model).items()}
+    assert shapes == {
+        "conv1": (32, 32, 64),
+        "pool1": (16, 16, 64),
+        "conv2": (16, 16, 64),
+        "conv3": (8, 8, 128),
+        "conv4": (4, 4, 256),
+        "conv5": (2, 2, 512),
+    }
+    # Only the stem's conv differs from the ImageNet stem's: 3x3/1 instead of a padded 7x7/2.
+    imagenet = resnet.resnet18(num_classes=10, input_shape=(32, 32, 3))
+    assert model.get_layer("conv1_conv").kernel.shape == (3, 3, 3, 64)
+    assert imagenet.get_layer("conv1_conv").kernel.shape == (7, 7, 3, 64)
+    names = [layer.name for layer in imagenet.layers if layer.name != "conv1_pad"]
+    assert [layer.name for layer in model.layers] == names
+
+
+def test_unknown_stem_is_refused():
+    with pytest.raises(ValueError, match="cifar_pool"):
+        resnet.resnet18(num_classes=10, input_shape=(32, 32, 3), stem="tiny")
+
+
 def test_layer_names_follow_keras_applications():
     model = resnet.resnet50(num_classes=10, input_shape=(32, 32, 3), stride_on="1x1")
     ours = {layer.name for layer in model.layers if layer.weights}

@@ -101,6 +101,7 @@ RECIPES = (
     "cifar10_finetune",
     "cifar10_scratch",
     "cifar10_cpu_quick",
+    "cifar10_resnet50_quick",
     "cifar10_qat",
     "folder_finetune",
 )

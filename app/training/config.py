@@ -18,7 +18,7 @@ from common.errors import UsageError
 from models import resnet
 from models.preprocessing import Preprocessing
 
-STEMS = ("imagenet", "cifar")
+STEMS = ("imagenet", "cifar", "cifar_pool")
 STRIDES = ("auto", "1x1", "3x3")
 NORMALIZATIONS = ("auto", "cifar", "imagenet")
 PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -74,7 +74,8 @@ class TrainConfig:
     stem: str = _setting(
         "imagenet",
         "imagenet: 7x7/2 conv + max-pool (the tutorial, ImageNet weights); cifar: one 3x3/1 "
-        "conv, for training from scratch on 32x32 images.",
+        "conv, for training from scratch on 32x32 images; cifar_pool: that conv + the "
+        "max-pool (16x16 maps into conv2 at 32x32, a quarter of cifar's cost).",
         choices=STEMS,
     )
     stride_on: str = _setting(
@@ -248,7 +249,7 @@ def check_config(config: TrainConfig) -> None:
     if config.model not in resnet.ARCHITECTURES:
         raise bad("model", config.model, f"is unknown; choose one of {resnet.ARCHITECTURES}")
     if config.stem not in STEMS:
-        raise bad("stem", config.stem, "is unknown; choose imagenet or cifar")
+        raise bad("stem", config.stem, "is unknown; choose imagenet, cifar or cifar_pool")
     if config.stride_on not in STRIDES:
         raise bad("stride_on", config.stride_on, "is unknown; choose auto, 1x1 or 3x3")
     if config.strategy not in STRATEGIES:
