@@ -1,5 +1,8 @@
-"""The application: command-line programs (absl) over the data, training, evaluation,
-prediction and export libraries. Programs: `app/{train,evaluate,predict,export,visualize}.py`;
-libraries: `app/data/`, `app/training/`, `app/evaluation.py`, `app/prediction.py`,
-`app/exporting.py`, `app/visualization.py`, `app/plots.py`.
+"""The application: command-line programs (absl) over the libraries they call.
+
+A program `app/<verb>.py` (the command-line contract: flags, one library call) has its library
+`app/<verb>_lib.py`: evaluate, predict, export and visualize; `app.train`'s library is the
+package `app/training/`. Shared libraries: `app/data/` (the input pipeline), `app/inference.py`
+(a `Predictor` per model format), `app/metrics.py`, `app/plots.py`. The top-level package
+`export/` (SavedModel, TFLite, ONNX) is what `app/export_lib.py` calls.
 """

@@ -24,7 +24,7 @@ from absl import flags
 
 from app.data import DataConfig, DataError
 from common.errors import UsageError
-from common.images import MAX_PIXELS
+from common.pixel_limits import MAX_PIXELS
 
 FLAGS = flags.FLAGS
 # What app.train writes beside the model: a flagfile that reproduces the run.

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from app import cli, data, data_flags, evaluation
+from app import cli, data, data_flags, evaluate_lib
 from app.data import DataConfig
 
 _MODEL: flags.FlagHolder[str]
@@ -86,15 +86,15 @@ def define_flags() -> None:
 def data_config(model_path: str) -> DataConfig:
     """The `DataConfig` of the command line, with unset data flags and --seed taken from
     the training run's flags.txt beside the model (or beside the model it was exported from)."""
-    trained = data_flags.training_run_flags(evaluation.training_model(model_path))
+    trained = data_flags.training_run_flags(evaluate_lib.training_model(model_path))
     seed = _SEED.value if _SEED.value is not None else trained.get("seed", 0)
     return data_flags.data_config_from_flags(seed, inherit=trained)
 
 
 def main(argv: list[str]) -> None:
     cli.no_arguments(argv)
-    evaluation.evaluate(
-        evaluation.EvalConfig(
+    evaluate_lib.evaluate(
+        evaluate_lib.EvalConfig(
             model=_MODEL.value,
             data=data_config(_MODEL.value),
             split=_SPLIT.value,

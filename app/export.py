@@ -88,16 +88,16 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from app import exporting
-    from export import exporter
+    from app import export_lib
+    from export import all_formats
 
     cli.no_arguments(argv)
-    cli.show_progress_of("export", exporting.__name__)
-    exporting.export_model(
-        exporting.ExportJob(
+    cli.show_progress_of("export", export_lib.__name__)
+    export_lib.export_model(
+        export_lib.ExportJob(
             model=_MODEL.value,
             export_dir=_EXPORT_DIR.value,
-            formats=exporter.parse_formats(_FORMATS.value),
+            formats=all_formats.parse_formats(_FORMATS.value),
             data=data_flags.training_data_config(_MODEL.value, _REPRESENTATIVE_DATA.value),
             num_calibration=_NUM_CALIBRATION.value,
             num_evaluation=_NUM_EVALUATION.value,

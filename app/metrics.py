@@ -1,6 +1,6 @@
 """Classification metrics of one split: top-1, top-k, cross-entropy, per-class accuracy.
 
-Pure functions over arrays (logits or probabilities and integer labels); `app.evaluation`
+Pure functions over arrays (logits or probabilities and integer labels); `app.evaluate_lib`
 computes them for a model on a dataset.
 
 Example:

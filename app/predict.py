@@ -39,10 +39,10 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from app import prediction
+    from app import predict_lib
 
     max_pixels = flags.FLAGS["max_pixels"].value
-    if not prediction.predict_files(_MODEL.value, argv[1:], _TOP_K.value, _JSON.value, max_pixels):
+    if not predict_lib.predict_files(_MODEL.value, argv[1:], _TOP_K.value, _JSON.value, max_pixels):
         sys.exit(1)  # some file was not an image; the others were answered
 
 

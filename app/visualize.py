@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from app import cli, data, data_flags, visualization
+from app import cli, data, data_flags, visualize_lib
 
 FLAGS = flags.FLAGS
 
@@ -29,7 +29,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     cli.no_arguments(argv)
-    path = visualization.draw_samples(
+    path = visualize_lib.draw_samples(
         data_flags.data_config_from_flags(FLAGS.seed),
         FLAGS.split,
         FLAGS.num,

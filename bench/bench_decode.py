@@ -1,6 +1,6 @@
 """Cost of the pixel limit: decoding real image files with and without the header check.
 
-`export.graph.decode_image` (what image folders, `app.predict` and `serving_bytes` run)
+`export.image_header.decode_image` (what image folders, `app.predict` and `serving_bytes` run)
 reads the image size from the header and refuses an image over `--max_pixels` before
 decoding; `tf.io.decode_image` is the same decode without the check. Both run in a
 `tf.data` map over the same encoded files held in memory, as the image-folder pipeline does.
@@ -40,12 +40,12 @@ def seconds_to_decode(encoded: list[bytes], checked: bool) -> float:
     """Wall seconds of one pass of a tf.data map decoding every file."""
     import tensorflow as tf
 
-    from export import graph
+    from export import image_header
 
     def plain(data):
         return tf.io.decode_image(data, channels=3, expand_animations=False)
 
-    decode = graph.decode_image if checked else plain
+    decode = image_header.decode_image if checked else plain
     dataset = tf.data.Dataset.from_tensor_slices(encoded).map(
         decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
@@ -77,7 +77,10 @@ def main(argv: list[str]) -> None:
     print(f"{len(encoded)} files from {data_dir}, best of {flags.FLAGS['repeats'].value}")
     print("| decode | seconds | images/s |")
     print("| --- | ---: | ---: |")
-    for checked, label in ((False, "tf.io.decode_image"), (True, "graph.decode_image (checked)")):
+    for checked, label in (
+        (False, "tf.io.decode_image"),
+        (True, "image_header.decode_image (checked)"),
+    ):
         print(f"| {label} | {best[checked]:.3f} | {len(encoded) / best[checked]:,.0f} |")
     print(f"ratio: {best[True] / best[False]:.2f}x")
 

@@ -92,10 +92,10 @@ def default_bundle(stem: str = "imagenet"):
 def calibration_images(data_dir: str | None, class_names: list[str], size: int, n: int = 100):
     """Real training images for the int8 model when `data_dir` is readable, else random."""
     if data_dir and os.path.isdir(data_dir):
-        from app import exporting
+        from app import export_lib
         from app.data import DataConfig
 
-        sample, _ = exporting.calibration_and_evaluation(
+        sample, _ = export_lib.calibration_and_evaluation(
             DataConfig(data_dir=data_dir), class_names, size, n, 0
         )
         return sample.images, sample.source

@@ -89,13 +89,13 @@ def measure(
     log=print,
 ) -> list[Row]:
     """Both calibrations on each calibration subset; see the module docstring."""
-    from app import data_flags, exporting
+    from app import data_flags, export_lib
     from export import report, tflite
     from models.bundle import load_model_bundle
 
     bundle = load_model_bundle(model_path)
     size = bundle.preprocessing.image_size
-    calibration, evaluation = exporting.calibration_and_evaluation(
+    calibration, evaluation = export_lib.calibration_and_evaluation(
         data_flags.training_data_config(model_path, data_dir),
         bundle.class_names,
         size,

@@ -75,7 +75,7 @@ def measure(export_dir: str, data_dir: str, per_class: int = 30, model: str | No
         UsageError: no `.tflite` file, no report.json or model (`keras_model_of`).
         app.data.DataError: the real images cannot be read.
     """
-    from app import data_flags, exporting
+    from app import data_flags, export_lib
     from common.errors import UsageError
     from export import TFLITE_FORMATS, metadata, report, tflite
     from models.bundle import load_model_bundle
@@ -95,7 +95,7 @@ def measure(export_dir: str, data_dir: str, per_class: int = 30, model: str | No
     bundle = load_model_bundle(keras_model_of(export_dir, model))
     classes = bundle.class_names
     # The held-out images app.export compares on, `per_class` a class (stratified).
-    _, sample = exporting.calibration_and_evaluation(
+    _, sample = export_lib.calibration_and_evaluation(
         data_flags.training_data_config(bundle.path, data_dir),
         classes,
         bundle.preprocessing.image_size,

@@ -2,11 +2,13 @@
 
 Takes a trained model bundle (`models.bundle.ModelBundle`) and image arrays; imports
 `models/`, `common/` and TensorFlow, never `app/` (reading data is the caller's job:
-`app.exporting` samples the real images that `export.exporter.export_all` calibrates and
+`app.export_lib` samples the real images that `export.all_formats.export_all` calibrates and
 compares on).
 
 Modules (importing `export` itself loads nothing heavy; each module imports TensorFlow):
 - `export.graph`: the shared serving computation (normalise, model, softmax) in float32.
+- `export.image_header`: `decode_image`, the one image decoder, which reads the size from
+  the header (`header_size`) and refuses an image over the pixel limit before decoding.
 - `export.saved_model`: the TF Serving SavedModel (`serving_default`, `serving_bytes`),
   integer versions, warm-up records (`write_warmup_requests`, `read_warmup_requests`),
   `load_serving` to run it.
@@ -17,9 +19,9 @@ Modules (importing `export` itself loads nothing heavy; each module imports Tens
 - `export.model_card`: `model_card.md`, written from the report.
 - `export.client`: the TF Serving client (REST/gRPC requests, `python -m export.client`);
   no TensorFlow needed for REST.
-- `export.images`: image arrays as the models take them (`Sample`, `to_model_input`).
+- `export.model_input`: image arrays as the models take them (`Sample`, `to_model_input`).
 - `export.report`: size, latency and agreement of every format against Keras.
-- `export.exporter`: `export_all`, every format plus the report, into one folder.
+- `export.all_formats`: `export_all`, every format plus the report, into one folder.
 """
 
 # `python -m app.export --formats=...` names, in the order they are written.

@@ -124,7 +124,7 @@ def mediapipe_top1(path: str, images: np.ndarray) -> TopOne:
 
     Args:
         path: a `.tflite` file with metadata (`add_metadata`).
-        images: uint8 RGB [n, S, S, 3] at the model's size (`export.images.to_model_input`).
+        images: uint8 RGB [n, S, S, 3] at the model's size (`export.model_input.to_model_input`).
     """
     import mediapipe as mp
     from mediapipe.tasks.python.core.base_options import BaseOptions

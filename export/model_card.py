@@ -1,6 +1,6 @@
 """`model_card.md`: what the model is for, how it was made and how well each format does.
 
-Written by `export.exporter.export_all` from the export report (`report.json`: accuracy on
+Written by `export.all_formats.export_all` from the export report (`report.json`: accuracy on
 the evaluated images, per class, and size / latency / agreement / accuracy per format) and
 the training run's flags (`flags.txt` beside the model), so the card never disagrees with
 the report.

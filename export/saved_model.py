@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from common.errors import UsageError, first_line
 from common.files import write_json
-from common.images import MAX_PIXELS, TOO_LARGE
+from common.pixel_limits import MAX_PIXELS, TOO_LARGE
 from export import (
     INPUT_BYTES,
     INPUT_IMAGES,
@@ -49,6 +49,7 @@ from export import (
     SIGNATURE_IMAGES,
     client,
     graph,
+    image_header,
 )
 from models.bundle import LABELS_FILE, read_labels, write_labels
 from models.preprocessing import FILENAME as PREPROCESSING_FILE
@@ -113,7 +114,7 @@ def serving_archive(
 
     def decode(encoded: tf.Tensor) -> tf.Tensor:
         # Images in one request may differ in size: resize each before they form a batch.
-        image = graph.decode_image(encoded, max_pixels)
+        image = image_header.decode_image(encoded, max_pixels)
         image = resize(image[tf.newaxis], size)[0]
         return tf.ensure_shape(image, [size, size, 3])
 

@@ -249,7 +249,7 @@ def op_names(model: str | bytes) -> set[str]:
 class TFLiteClassifier:
     """Runs an exported `.tflite` classifier with the LiteRT interpreter (XNNPACK on CPU).
 
-    The project's one LiteRT runner (the report, benchmarks and `app.prediction` use it).
+    The project's one LiteRT runner (the report, benchmarks and `app.predict_lib` use it).
     It takes uint8 or float32 pixels: a float model gets float pixels exactly as given
     (an app's resize need not be rounded), the int8 model gets them rounded to uint8.
 

@@ -16,8 +16,8 @@ import zipfile
 import keras
 import pytest
 
-from app import cli, data, evaluation, exporting, predictors
-from export import exporter
+from app import cli, data, evaluate_lib, export_lib, inference
+from export import all_formats
 from models import preprocessing, weights
 from models.bundle import load_model_bundle
 from tests.helpers import error_lines, run_train, save_bundle, tiny_model, write_folder
@@ -30,8 +30,8 @@ def good(tmp_path_factory):
     """A model directory and its export (SavedModel + float32 .tflite)."""
     root = tmp_path_factory.mktemp("good")
     path = save_bundle(root / "model", tiny_model(size=16), preprocessing.cifar(16), CLASSES)
-    config = exporter.ExportConfig(str(root / "export"), formats=("saved_model", "float32"))
-    exporter.export_all(load_model_bundle(path), config)
+    config = all_formats.ExportConfig(str(root / "export"), formats=("saved_model", "float32"))
+    all_formats.export_all(load_model_bundle(path), config)
     return root
 
 
@@ -110,11 +110,11 @@ def test_broken_keras_file(good, tmp_path, case):
     out = tmp_path / "out"
     before = sorted(p.name for p in folder.iterdir())
 
-    _user_error(lambda: predictors.load_predictor(str(path)), str(path), expected)
-    job = exporting.ExportJob(str(path), str(out), formats=("saved_model",))
-    _user_error(lambda: exporting.export_model(job), str(path), expected)
-    run = evaluation.EvalConfig(str(path), data.DataConfig(data_dir=str(tmp_path / "none")))
-    _user_error(lambda: evaluation.evaluate(run), str(path), expected)
+    _user_error(lambda: inference.load_predictor(str(path)), str(path), expected)
+    job = export_lib.ExportJob(str(path), str(out), formats=("saved_model",))
+    _user_error(lambda: export_lib.export_model(job), str(path), expected)
+    run = evaluate_lib.EvalConfig(str(path), data.DataConfig(data_dir=str(tmp_path / "none")))
+    _user_error(lambda: evaluate_lib.evaluate(run), str(path), expected)
     if case in UNREADABLE:
         _user_error(lambda: weights.read_layer_weights(str(path)), str(path), expected)
     assert not out.exists()
@@ -124,7 +124,7 @@ def test_broken_keras_file(good, tmp_path, case):
 def test_keras_file_from_another_program_without_our_sidecars(good, tmp_path):
     path = tmp_path / "model.keras"
     shutil.copy(good / "model" / "best.keras", path)
-    _user_error(lambda: predictors.load_predictor(str(path)), "labels.txt not found next to")
+    _user_error(lambda: inference.load_predictor(str(path)), "labels.txt not found next to")
     _user_error(lambda: load_model_bundle(str(tmp_path)), "is a folder, not a .keras file")
 
 
@@ -157,12 +157,12 @@ def test_broken_saved_model(good, tmp_path, case):
     else:
         expected = _break_saved_model(base / "1", case)
     before = sorted(p.name for p in export_dir.iterdir())
-    message = _user_error(lambda: predictors.load_predictor(str(base)), str(base / "1"), expected)
+    message = _user_error(lambda: inference.load_predictor(str(base)), str(base / "1"), expected)
     assert "app.export" in message  # how to fix
-    run = evaluation.EvalConfig(str(base), data.DataConfig(data_dir=str(tmp_path / "none")))
-    _user_error(lambda: evaluation.evaluate(run), expected)
+    run = evaluate_lib.EvalConfig(str(base), data.DataConfig(data_dir=str(tmp_path / "none")))
+    _user_error(lambda: evaluate_lib.evaluate(run), expected)
     assert sorted(p.name for p in export_dir.iterdir()) == before
-    _user_error(lambda: predictors.load_predictor(str(export_dir)), "did you mean")
+    _user_error(lambda: inference.load_predictor(str(export_dir)), "did you mean")
 
 
 @pytest.mark.parametrize("case", ["empty", "truncated", "random bytes"])
@@ -173,19 +173,17 @@ def test_broken_tflite(good, tmp_path, case):
     blob = path.read_bytes()
     path.write_bytes({"empty": b"", "truncated": blob[:-200], "random bytes": b"\x17" * 999}[case])
     before = sorted(p.name for p in export_dir.iterdir())
-    message = _user_error(
-        lambda: predictors.load_predictor(str(path)), str(path), "is not a TFLite"
-    )
+    message = _user_error(lambda: inference.load_predictor(str(path)), str(path), "is not a TFLite")
     assert "export it again with app.export" in message
-    run = evaluation.EvalConfig(str(path), data.DataConfig(data_dir=str(tmp_path / "none")))
-    _user_error(lambda: evaluation.evaluate(run), "is not a TFLite model")
+    run = evaluate_lib.EvalConfig(str(path), data.DataConfig(data_dir=str(tmp_path / "none")))
+    _user_error(lambda: evaluate_lib.evaluate(run), "is not a TFLite model")
     assert sorted(p.name for p in export_dir.iterdir()) == before
 
 
 def test_unknown_model_format_is_refused(tmp_path):
     path = tmp_path / "weights.pt"
     path.write_bytes(b"\x08\x07")
-    _user_error(lambda: predictors.load_predictor(str(path)), "--model must be a .keras file")
+    _user_error(lambda: inference.load_predictor(str(path)), "--model must be a .keras file")
 
 
 def test_pretrained_with_a_corrupt_preprocessing_json(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import data, data_flags, evaluation
+from app import data, data_flags, evaluate_lib
 from common.errors import UsageError
 from tests.helpers import error_lines, run_program
 
@@ -28,7 +28,7 @@ def test_compute_metrics_matches_definitions():
     labels = rng.integers(0, 6, size=300)  # class c6 never occurs
     logits = rng.normal(size=(300, 7)).astype(np.float32)
     logits[np.arange(300), labels] += rng.normal(1.0, 1.0, size=300)
-    result = evaluation.compute_metrics(logits, labels, names, "validation")
+    result = evaluate_lib.compute_metrics(logits, labels, names, "validation")
 
     predicted = logits.argmax(1)
     assert result.top1 == pytest.approx(np.mean(predicted == labels))
@@ -53,7 +53,7 @@ def test_compute_metrics_matches_definitions():
 
 def test_topk_is_capped_by_the_number_of_classes():
     logits = np.array([[0.0, 1.0, 2.0], [3.0, 2.0, 1.0]], np.float32)
-    result = evaluation.compute_metrics(logits, np.array([0, 2]), ["a", "b", "c"], "test")
+    result = evaluate_lib.compute_metrics(logits, np.array([0, 2]), ["a", "b", "c"], "test")
     assert (result.k, result.topk, result.top1) == (3, 1.0, 0.0)
     assert "top3_accuracy" in result.to_dict()
 
@@ -61,8 +61,8 @@ def test_topk_is_capped_by_the_number_of_classes():
 def test_report_lists_every_class_and_the_worst_confusion():
     confusion_logits = np.eye(3, dtype=np.float32)[[0, 0, 1, 2, 2, 2]] * 5
     labels = np.array([0, 1, 1, 2, 2, 0])  # 1 read as 0 once, 0 read as 2 once
-    result = evaluation.compute_metrics(confusion_logits, labels, ["cat", "dog", "frog"], "test")
-    report = evaluation.format_report(result)
+    result = evaluate_lib.compute_metrics(confusion_logits, labels, ["cat", "dog", "frog"], "test")
+    report = evaluate_lib.format_report(result)
     rows = {line.split()[0]: line.split()[1:] for line in report.splitlines() if line}
     assert rows["cat"] == ["2", "1", "0.5000"]
     assert rows["dog"] == ["2", "1", "0.5000"]
@@ -72,13 +72,13 @@ def test_report_lists_every_class_and_the_worst_confusion():
 
 
 def test_check_class_names_refuses_other_classes():
-    evaluation.check_class_names(["a", "b"], ["a", "b"], "here")
+    evaluate_lib.check_class_names(["a", "b"], ["a", "b"], "here")
     with pytest.raises(UsageError, match=r"class 1 is 'c' in the data but 'b' in the model"):
-        evaluation.check_class_names(["a", "b"], ["a", "c"], "here")
+        evaluate_lib.check_class_names(["a", "b"], ["a", "c"], "here")
     with pytest.raises(UsageError, match="3 classes in the data, 2 in the model"):
-        evaluation.check_class_names(["a", "b"], ["a", "b", "c"], "here")
+        evaluate_lib.check_class_names(["a", "b"], ["a", "b", "c"], "here")
     with pytest.raises(UsageError, match="class 0"):  # same names, another order
-        evaluation.check_class_names(["a", "b"], ["b", "a"], "here")
+        evaluate_lib.check_class_names(["a", "b"], ["b", "a"], "here")
 
 
 def _splits(with_test: bool) -> data.Splits:
@@ -99,20 +99,20 @@ def _splits(with_test: bool) -> data.Splits:
 
 def test_choose_split_falls_back_from_test_to_validation_with_a_note():
     splits = _splits(with_test=False)
-    name, examples, note = evaluation.choose_split(splits, "test")
+    name, examples, note = evaluate_lib.choose_split(splits, "test")
     assert (name, examples.num_examples) == ("validation", 3)
     assert "no test split" in note and "--validation_split" in note
-    name, examples, note = evaluation.choose_split(_splits(with_test=True), "test")
+    name, examples, note = evaluate_lib.choose_split(_splits(with_test=True), "test")
     assert (name, examples.num_examples, note) == ("test", 5, None)
-    assert evaluation.choose_split(splits, "train")[1].num_examples == 8
+    assert evaluate_lib.choose_split(splits, "train")[1].num_examples == 8
     with pytest.raises(UsageError, match="--split=dev"):
-        evaluation.choose_split(splits, "dev")
+        evaluate_lib.choose_split(splits, "dev")
 
 
 def test_sample_indices_spread_over_the_split():
-    assert evaluation.sample_indices(1000) == [0, 200, 400, 599, 799, 999]
-    assert evaluation.sample_indices(4) == [0, 1, 2, 3]
-    assert evaluation.sample_indices(0) == []
+    assert evaluate_lib.sample_indices(1000) == [0, 200, 400, 599, 799, 999]
+    assert evaluate_lib.sample_indices(4) == [0, 1, 2, 3]
+    assert evaluate_lib.sample_indices(0) == []
 
 
 def test_read_flagfile(tmp_path):
@@ -176,8 +176,8 @@ def test_flip_averages_the_logits_of_each_image_and_its_mirror():
     images = np.random.default_rng(0).uniform(size=(5, 4, 4, 3)).astype(np.float32)
     labels = np.arange(5) % 3
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)
-    plain, _, _ = evaluation.predict_logits(model, dataset, verbose=0)
-    flipped, seen, _ = evaluation.predict_logits(model, dataset, verbose=0, flip=True)
+    plain, _, _ = evaluate_lib.predict_logits(model, dataset, verbose=0)
+    flipped, seen, _ = evaluate_lib.predict_logits(model, dataset, verbose=0, flip=True)
     mirror = model.predict(images[:, :, ::-1], verbose=0)
     np.testing.assert_allclose(plain, model.predict(images, verbose=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(flipped, (plain + mirror) / 2, rtol=1e-5, atol=1e-6)
@@ -199,7 +199,7 @@ def test_flip_averages_the_probabilities_of_any_format():
     images = rng.integers(1, 255, size=(3, 4, 4, 3)).astype(np.uint8)
     examples = data.Examples(images=images, labels=np.zeros(3, np.int64), origin="test")
     predictor = LeftColumn()
-    flipped, _, _ = evaluation.predict_probabilities(predictor, examples, verbose=0, flip=True)
+    flipped, _, _ = evaluate_lib.predict_probabilities(predictor, examples, verbose=0, flip=True)
     expected = (predictor.predict(list(images)) + predictor.predict(list(images[:, :, ::-1]))) / 2
     np.testing.assert_allclose(flipped, expected, rtol=1e-6)
     assert not np.allclose(flipped, predictor.predict(list(images)))

@@ -1,4 +1,4 @@
-"""`app.evaluation.evaluate` on a labelled folder with no train split evaluates all of it."""
+"""`app.evaluate_lib.evaluate` on a labelled folder with no train split evaluates all of it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from app import evaluation
+from app import evaluate_lib
 from app.data import DataConfig
 from models import preprocessing
 from tests.helpers import save_bundle, tiny_model, write_folder
@@ -19,8 +19,8 @@ def test_every_image_of_an_evaluation_folder_is_evaluated(tmp_path, layout):
     write_folder(data_dir / "test" if layout == "test_only" else data_dir, per_class=4)
     model = save_bundle(tmp_path / "run", tiny_model(2, 8), preprocessing.cifar(8), ["cat", "dog"])
     split = 0.1 if layout == "test_only" else 0.0
-    result, paths = evaluation.evaluate(
-        evaluation.EvalConfig(
+    result, paths = evaluate_lib.evaluate(
+        evaluate_lib.EvalConfig(
             model=model,
             data=DataConfig(data_dir=str(data_dir), validation_split=split),
             output_dir=str(tmp_path / "out"),

@@ -11,7 +11,7 @@ import pytest
 from tensorflow.lite.tools import flatbuffer_utils
 
 from common.errors import UsageError
-from export import TFLITE_FORMATS, exporter, images, metadata, tflite
+from export import TFLITE_FORMATS, all_formats, metadata, model_input, tflite
 from models import preprocessing as preprocessing_lib
 from models.bundle import load_model_bundle
 from tests.helpers import keras_reference, random_images, save_bundle, tiny_model
@@ -85,12 +85,12 @@ def test_mediapipe_image_classifier_agrees_with_keras(tmp_path):
     pytest.importorskip("mediapipe")
     model, pre = confident_model(32), preprocessing_lib.cifar(32)
     bundle = load_model_bundle(save_bundle(tmp_path / "run", model, pre, CLASSES))
-    config = exporter.ExportConfig(
+    config = all_formats.ExportConfig(
         str(tmp_path / "export"),
         formats=TFLITE_FORMATS,
-        calibration=images.Sample(random_images(32, 32, 32), None, "random"),
+        calibration=model_input.Sample(random_images(32, 32, 32), None, "random"),
     )
-    exporter.export_all(bundle, config)
+    all_formats.export_all(bundle, config)
     pixels = random_images(12, 32, 32, seed=7)
     reference = keras_reference(model, pre, pixels)
     assert len(set(reference.argmax(-1))) > 2  # not one class for everything

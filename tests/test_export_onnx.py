@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app import predictors
+from app import inference
 from common.errors import UsageError
 from export import onnx
 from models import preprocessing as preprocessing_lib
@@ -34,7 +34,7 @@ def test_onnx_matches_keras_and_keeps_the_contract(tmp_path):
 
     # app.predict / app.evaluate take it as --model, labels.txt beside it.
     write_labels(str(tmp_path), [f"class_{i}" for i in range(10)])
-    predictor = predictors.load_predictor(str(path))
+    predictor = inference.load_predictor(str(path))
     assert (predictor.kind, predictor.image_size) == ("onnx", 16)
     np.testing.assert_array_equal(predictor.predict(list(images)), probabilities)
 

@@ -1,4 +1,4 @@
-"""`export_all` and its report, `app.exporting`'s real-image samples, and `python -m app.export`.
+"""`export_all` and its report, `app.export_lib`'s real-image samples, and `python -m app.export`.
 
 Fast tests use a tiny conv net or an untrained ResNet-18 (the `resnet18` fixture). Slow: the
 command-line errors, and ResNet-50 trained briefly on real CIFAR-10 images, exported in every
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from app import exporting
+from app import export_lib
 from app.data import DataConfig
 from common.errors import UsageError
-from export import FORMATS, TFLITE_FORMATS, exporter, images, metadata, report, tflite
+from export import FORMATS, TFLITE_FORMATS, all_formats, metadata, model_input, report, tflite
 from models import preprocessing as preprocessing_lib
 from models import resnet
 from models.bundle import load_model_bundle, write_labels
@@ -42,27 +42,27 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_parse_formats():
-    assert exporter.parse_formats("int8, saved_model") == ("saved_model", "int8")
-    assert exporter.parse_formats(",".join(FORMATS)) == FORMATS
+    assert all_formats.parse_formats("int8, saved_model") == ("saved_model", "int8")
+    assert all_formats.parse_formats(",".join(FORMATS)) == FORMATS
     with pytest.raises(UsageError, match="unknown format 'tfjs'"):
-        exporter.parse_formats("saved_model,tfjs")
+        all_formats.parse_formats("saved_model,tfjs")
     with pytest.raises(UsageError, match="--formats is empty"):
-        exporter.parse_formats(" , ")
+        all_formats.parse_formats(" , ")
     from app import export as program  # its default is every format, in order
 
-    assert exporter.parse_formats(program.DEFAULT_FORMATS) == FORMATS
+    assert all_formats.parse_formats(program.DEFAULT_FORMATS) == FORMATS
 
 
 def test_int8_without_data_fails_before_writing(resnet18, tmp_path):
     export_dir = tmp_path / "export"
-    config = exporter.ExportConfig(export_dir=str(export_dir), formats=FORMATS, calibration=None)
+    config = all_formats.ExportConfig(export_dir=str(export_dir), formats=FORMATS, calibration=None)
     with pytest.raises(UsageError, match="--representative_data"):
-        exporter.export_all(resnet18, config)
+        all_formats.export_all(resnet18, config)
     assert not export_dir.exists()
     # What app.export runs, for a model with neither --representative_data nor flags.txt.
-    job = exporting.ExportJob(resnet18.path, str(export_dir), FORMATS, data=None)
+    job = export_lib.ExportJob(resnet18.path, str(export_dir), FORMATS, data=None)
     with pytest.raises(UsageError, match="--representative_data"):
-        exporting.export_model(job)
+        export_lib.export_model(job)
     assert not export_dir.exists()
 
 
@@ -72,35 +72,35 @@ def test_bad_samples_fail_before_writing(tmp_path):
     export_dir = tmp_path / "export"
     pixels = random_images(4, 32, 32)
     cases = {
-        r"calibration images must be uint8 \[n, 32, 32, 3\]": exporter.ExportConfig(
+        r"calibration images must be uint8 \[n, 32, 32, 3\]": all_formats.ExportConfig(
             str(export_dir),
             ("saved_model", "int8"),
-            calibration=images.Sample(random_images(4, 48, 48), None, "too big"),
+            calibration=model_input.Sample(random_images(4, 48, 48), None, "too big"),
         ),
-        r"evaluation images must be uint8 \[n, 32, 32, 3\].*got float32": exporter.ExportConfig(
+        r"evaluation images must be uint8 \[n, 32, 32, 3\].*got float32": all_formats.ExportConfig(
             str(export_dir),
             ("saved_model",),
-            evaluation=images.Sample(pixels.astype(np.float32), None, "floats"),
+            evaluation=model_input.Sample(pixels.astype(np.float32), None, "floats"),
         ),
-        "3 evaluation labels for 4 images": exporter.ExportConfig(
+        "3 evaluation labels for 4 images": all_formats.ExportConfig(
             str(export_dir),
             ("saved_model",),
-            evaluation=images.Sample(pixels, np.zeros(3, np.int64), "short"),
+            evaluation=model_input.Sample(pixels, np.zeros(3, np.int64), "short"),
         ),
-        "unknown format 'tfjs'": exporter.ExportConfig(str(export_dir), ("saved_model", "tfjs")),
+        "unknown format 'tfjs'": all_formats.ExportConfig(str(export_dir), ("saved_model", "tfjs")),
     }
     for expected, config in cases.items():
         with pytest.raises(UsageError, match=expected):
-            exporter.export_all(bundle, config)
+            all_formats.export_all(bundle, config)
     assert not export_dir.exists()
 
 
 def test_samples_come_from_train_and_held_out_images(tmp_path):
-    """app.exporting reads a dataset into the samples export_all takes: calibration from
+    """app.export_lib reads a dataset into the samples export_all takes: calibration from
     train, evaluation from the validation split held out of it, both at the model's size."""
     write_folder(tmp_path / "data", classes=("cat", "dog"), per_class=10, size=8)
     config = DataConfig(data_dir=str(tmp_path / "data"), validation_split=0.2, seed=0)
-    calibration, evaluation = exporting.calibration_and_evaluation(
+    calibration, evaluation = export_lib.calibration_and_evaluation(
         config, ["cat", "dog"], 16, num_calibration=6, num_evaluation=4
     )
     assert calibration.images.shape == (6, 16, 16, 3) and calibration.images.dtype == np.uint8
@@ -112,17 +112,18 @@ def test_samples_come_from_train_and_held_out_images(tmp_path):
     assert not seen & {image.tobytes() for image in evaluation.images}  # never calibrated on
 
     # Another model's classes: no labels, so no accuracy; no evaluation images: no sample.
-    _, other = exporting.calibration_and_evaluation(config, ["cat", "bird"], 16, 6, 4)
+    _, other = export_lib.calibration_and_evaluation(config, ["cat", "bird"], 16, 6, 4)
     assert other.labels is None and len(other.images) == 4
-    assert exporting.calibration_and_evaluation(config, ["cat", "dog"], 16, 6, 0)[1] is None
+    assert export_lib.calibration_and_evaluation(config, ["cat", "dog"], 16, 6, 0)[1] is None
 
 
 def test_report_without_real_images_has_sizes_and_latencies(tmp_path):
     model, pre = tiny_model(), preprocessing_lib.cifar(32)
     bundle = load_model_bundle(save_bundle(tmp_path / "run", model, pre, CLASSES))
     export_dir = tmp_path / "run" / "export"
-    result = exporter.export_all(
-        bundle, exporter.ExportConfig(str(export_dir), formats=("saved_model", "float16", "onnx"))
+    result = all_formats.export_all(
+        bundle,
+        all_formats.ExportConfig(str(export_dir), formats=("saved_model", "float16", "onnx")),
     )
     assert sorted(os.listdir(export_dir)) == [
         "labels.txt",
@@ -305,13 +306,13 @@ def test_model_card_is_written_from_the_report_and_training_flags(tmp_path):
     model, pre = tiny_model(num_classes=3, size=16), preprocessing_lib.cifar(16)
     bundle = load_model_bundle(save_bundle(tmp_path / "run", model, pre, CLASSES[:3]))
     labels = np.array([0, 0, 1, 1, 2, 2])
-    config = exporter.ExportConfig(
+    config = all_formats.ExportConfig(
         str(tmp_path / "export"),
         formats=("onnx",),
-        evaluation=images.Sample(random_images(6, 16, 16), labels, "six images"),
+        evaluation=model_input.Sample(random_images(6, 16, 16), labels, "six images"),
         training_flags="# training run\n--arch=tiny\n--epochs=3\n",
     )
-    result = exporter.export_all(bundle, config)
+    result = all_formats.export_all(bundle, config)
     evaluation = result["evaluation"]
     predicted = report.keras_probabilities(model, pre, random_images(6, 16, 16)).argmax(-1)
     assert evaluation["keras_accuracy"] == float((predicted == labels).mean())

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from common.errors import UsageError
 from export import graph, tflite
-from export.images import to_model_input
+from export.model_input import to_model_input
 from models import preprocessing as preprocessing_lib
 from tests.helpers import keras_reference, random_images, tiny_model
 

@@ -20,9 +20,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from app import prediction
+from app import predict_lib
 from common.errors import first_line
-from export import graph, saved_model
+from export import image_header, saved_model
 from models import preprocessing
 from tests.helpers import REPO, encode, random_images, tiny_model
 
@@ -73,23 +73,23 @@ def test_header_sizes_of_every_format_match_the_decoded_images():
     files.update(webp_lossless=lossless.getvalue(), webp_alpha=extended.getvalue())
     assert files["webp_alpha"][12:16] == b"VP8X" and files["webp_lossless"][12:16] == b"VP8L"
     for name, data in files.items():
-        assert graph.image_size(data).numpy().tolist() == [23, 37], name
-        assert graph.decode_image(data).shape == (23, 37, 3), name
+        assert image_header.header_size(data).numpy().tolist() == [23, 37], name
+        assert image_header.decode_image(data).shape == (23, 37, 3), name
     # A top-down BMP stores a negative height.
     bmp = bytearray(files["BMP"])
     bmp[22:26] = struct.pack("<i", -23)
-    assert graph.image_size(bytes(bmp)).numpy().tolist() == [23, 37]
+    assert image_header.header_size(bytes(bmp)).numpy().tolist() == [23, 37]
 
 
 def test_images_over_the_limit_are_refused_everywhere_with_their_size(tmp_path, served_base):
     small = encode(random_images(1, 30, 40)[0], "png")  # 1200 pixels
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"image of 40x30 pixels .* 1000"):
-        graph.decode_image(small, max_pixels=1000)
-    assert graph.decode_image(small, max_pixels=1200).shape == (30, 40, 3)
+        image_header.decode_image(small, max_pixels=1000)
+    assert image_header.decode_image(small, max_pixels=1200).shape == (30, 40, 3)
     path = tmp_path / "small.png"
     path.write_bytes(small)
-    with pytest.raises(prediction.ImageError, match="40x30 pixels is over the limit of 1000"):
-        prediction.read_image(str(path), max_pixels=1000)
+    with pytest.raises(predict_lib.ImageError, match="40x30 pixels is over the limit of 1000"):
+        predict_lib.read_image(str(path), max_pixels=1000)
 
     # The export records its limit and its signatures enforce it.
     base = str(tmp_path / "limited")
@@ -116,19 +116,19 @@ def _gif_with_screen(width: int, height: int, screen: tuple[int, int]) -> bytes:
 def test_gif_frames_larger_than_the_screen_or_many_frames_are_counted():
     # The decoder returns the first frame, whatever size the screen in the header says.
     crossed = _gif_with_screen(20, 100, screen=(100, 20))
-    assert graph.image_size(crossed).numpy().tolist() == [100, 20]
-    assert graph.decode_image(crossed).shape == (100, 20, 3)
+    assert image_header.header_size(crossed).numpy().tolist() == [100, 20]
+    assert image_header.decode_image(crossed).shape == (100, 20, 3)
     # A frame far larger than its screen: refused by the frame's size.
     hidden = _gif_with_screen(1500, 1000, screen=(10, 10))
     with pytest.raises(tf.errors.InvalidArgumentError, match="1500x1000 pixels is over"):
-        graph.decode_image(hidden, max_pixels=1_000_000)
+        image_header.decode_image(hidden, max_pixels=1_000_000)
     # giflib reads every frame, though only the first is returned: all of them count.
     frames = [Image.fromarray(im) for im in random_images(5, 50, 60, seed=2)]
     out = io.BytesIO()
     frames[0].save(out, "GIF", save_all=True, append_images=frames[1:])
-    assert graph.decode_image(out.getvalue(), max_pixels=15000).shape == (50, 60, 3)
+    assert image_header.decode_image(out.getvalue(), max_pixels=15000).shape == (50, 60, 3)
     with pytest.raises(tf.errors.InvalidArgumentError, match="GIF frames of 15000 pixels"):
-        graph.decode_image(out.getvalue(), max_pixels=14999)
+        image_header.decode_image(out.getvalue(), max_pixels=14999)
 
 
 def test_image_folder_names_the_file_over_the_limit(tmp_path):
@@ -146,7 +146,7 @@ def test_image_folder_names_the_file_over_the_limit(tmp_path):
 BOMB_SCRIPT = """
 import json, resource, sys, time
 import numpy as np, tensorflow as tf
-from app import prediction
+from app import predict_lib
 from app.data import decode, pipeline
 from app.data.types import Examples
 from common.errors import first_line
@@ -162,14 +162,14 @@ def files(*paths):
     return Examples(np.zeros(len(paths), np.int64), files=np.array(paths, dtype=object))
 
 cases = {
-    "app.predict": lambda: prediction.read_image(bomb_path),
+    "app.predict": lambda: predict_lib.read_image(bomb_path),
     "serving_bytes": lambda: served.signatures["serving_bytes"](
         image_bytes=tf.constant([good, bomb])),
     "pipeline": lambda: list(pipeline.eval_dataset(files(good_path, bomb_path), pre, 2)),
     "image_folder": lambda: decode.decode_if_fits(files(good_path, bomb_path), True),
 }
 # Every path runs once on a good image first: the peak measured below is the bomb's alone.
-prediction.read_image(good_path)
+predict_lib.read_image(good_path)
 served.signatures["serving_bytes"](image_bytes=tf.constant([good]))
 list(pipeline.eval_dataset(files(good_path), pre, 1))
 results = {}
@@ -330,8 +330,8 @@ def test_fuzzed_images_get_a_prediction_or_one_clear_error(tmp_path, served_base
         where = f"case {case} (FUZZ_SEED={FUZZ_SEED})"
         path.write_bytes(data)
         try:
-            decoded = prediction.read_image(str(path)).shape
-        except prediction.ImageError as e:
+            decoded = predict_lib.read_image(str(path)).shape
+        except predict_lib.ImageError as e:
             decoded = None
             assert "\n" not in str(e) and str(e).startswith(str(path)), (where, str(e))
         try:

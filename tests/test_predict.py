@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from app import data, exporting, prediction, predictors
+from app import data, export_lib, inference, predict_lib
 from common.errors import UsageError
 from models.bundle import read_labels
 from models.preprocessing import resize
@@ -49,32 +49,32 @@ def images_dir(tmp_path, cifar10_dir) -> pathlib.Path:
 
 def test_top_k_orders_and_caps():
     probabilities = np.array([0.1, 0.6, 0.05, 0.25])
-    top = prediction.top_k(probabilities, ["a", "b", "c", "d"], 3)
+    top = predict_lib.top_k(probabilities, ["a", "b", "c", "d"], 3)
     assert [(p.name, p.index) for p in top] == [("b", 1), ("d", 3), ("a", 0)]
     assert top[0].probability == pytest.approx(0.6)
-    assert len(prediction.top_k(probabilities, ["a", "b", "c", "d"], 10)) == 4
+    assert len(predict_lib.top_k(probabilities, ["a", "b", "c", "d"], 10)) == 4
 
 
 def test_read_image_handles_formats_and_names_bad_files(images_dir):
-    plane = prediction.read_image(str(images_dir / "plane.jpg"))
+    plane = predict_lib.read_image(str(images_dir / "plane.jpg"))
     assert plane.shape == (32, 32, 3) and plane.dtype == np.uint8
-    assert prediction.read_image(str(images_dir / "cat_70x50.png")).shape == (50, 70, 3)
-    gray = prediction.read_image(str(images_dir / "ship_gray.png"))
+    assert predict_lib.read_image(str(images_dir / "cat_70x50.png")).shape == (50, 70, 3)
+    gray = predict_lib.read_image(str(images_dir / "ship_gray.png"))
     assert gray.shape == (32, 32, 3)
     np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
-    rgba = prediction.read_image(str(images_dir / "truck_rgba.png"))
+    rgba = predict_lib.read_image(str(images_dir / "truck_rgba.png"))
     expected = np.asarray(Image.open(images_dir / "truck_rgba.png").convert("RGBA"))[..., :3]
     np.testing.assert_array_equal(rgba, expected)  # alpha dropped, colours kept
-    with pytest.raises(prediction.ImageError, match=r"notes\.txt: not a readable image"):
-        prediction.read_image(str(images_dir / "notes.txt"))
-    with pytest.raises(prediction.ImageError, match=r"missing\.jpg: no such file"):
-        prediction.read_image(str(images_dir / "missing.jpg"))
+    with pytest.raises(predict_lib.ImageError, match=r"notes\.txt: not a readable image"):
+        predict_lib.read_image(str(images_dir / "notes.txt"))
+    with pytest.raises(predict_lib.ImageError, match=r"missing\.jpg: no such file"):
+        predict_lib.read_image(str(images_dir / "missing.jpg"))
 
 
 def test_resize_is_tf_bilinear_and_exact_at_the_models_size(images_dir):
     """`models.preprocessing.resize`, which prediction, training and the exported graphs
     share, is `tf.image.resize` bilinear on float pixels (no antialiasing)."""
-    image = prediction.read_image(str(images_dir / "cat_70x50.png"))
+    image = predict_lib.read_image(str(images_dir / "cat_70x50.png"))
     resized = keras.ops.convert_to_numpy(resize(image, IMAGE_SIZE))
     assert resized.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and resized.dtype == np.float32
     expected = tf.image.resize(tf.cast(image, tf.float32), (IMAGE_SIZE, IMAGE_SIZE), "bilinear")
@@ -84,7 +84,7 @@ def test_resize_is_tf_bilinear_and_exact_at_the_models_size(images_dir):
         keras.ops.convert_to_numpy(resize(batch, IMAGE_SIZE)),
         tf.image.resize(tf.cast(batch, tf.float32), (IMAGE_SIZE, IMAGE_SIZE)).numpy(),
     )
-    native = prediction.read_image(str(images_dir / "plane.jpg"))
+    native = predict_lib.read_image(str(images_dir / "plane.jpg"))
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(resize(native, 32)), native.astype(np.float32)
     )
@@ -92,15 +92,15 @@ def test_resize_is_tf_bilinear_and_exact_at_the_models_size(images_dir):
 
 def test_load_predictor_rejects_unknown_paths(tmp_path):
     with pytest.raises(UsageError, match="model not found"):
-        predictors.load_predictor(str(tmp_path / "nothing.h5"))
+        inference.load_predictor(str(tmp_path / "nothing.h5"))
     (tmp_path / "weights.h5").write_bytes(b"")
     with pytest.raises(UsageError, match=r"must be a \.keras file, a SavedModel folder"):
-        predictors.load_predictor(str(tmp_path / "weights.h5"))
+        inference.load_predictor(str(tmp_path / "weights.h5"))
     with pytest.raises(UsageError, match="no SavedModel in"):
-        predictors.load_predictor(str(tmp_path))
+        inference.load_predictor(str(tmp_path))
     (tmp_path / "model.tflite").write_bytes(b"not a flatbuffer")
     with pytest.raises(UsageError, match="is not a TFLite model"):
-        predictors.load_predictor(str(tmp_path / "model.tflite"))
+        inference.load_predictor(str(tmp_path / "model.tflite"))
 
 
 # --------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_load_predictor_rejects_unknown_paths(tmp_path):
 def test_keras_predictor_matches_the_eval_pipeline(model_dir, cifar10_dir):
     """The predictor's decode + resize + normalise equals the data pipeline's, image for
     image, on real JPEGs (the model runs at 16x16, so both resize 32 -> 16)."""
-    predictor = predictors.load_predictor(str(model_dir / "best.keras"))
+    predictor = inference.load_predictor(str(model_dir / "best.keras"))
     splits = data.load(data.DataConfig(data_dir=str(cifar10_dir), train_limit=1, eval_limit=40))
     examples = splits.validation
     logits = predictor.model.predict(
@@ -125,9 +125,9 @@ def test_keras_predictor_matches_the_eval_pipeline(model_dir, cifar10_dir):
 
 @pytest.mark.slow
 def test_classify_files_answers_every_image_and_names_the_bad_one(model_dir, images_dir):
-    predictor = predictors.load_predictor(str(model_dir / "best.keras"))
+    predictor = inference.load_predictor(str(model_dir / "best.keras"))
     names = ["plane.jpg", "notes.txt", "cat_70x50.png", "ship_gray.png", "truck_rgba.png"]
-    results = prediction.classify_files(predictor, [str(images_dir / n) for n in names], k=3)
+    results = predict_lib.classify_files(predictor, [str(images_dir / n) for n in names], k=3)
     assert [pathlib.Path(r.path).name for r in results] == names
     assert results[1].predictions is None and "notes.txt" in results[1].error
     for r in results[:1] + results[2:]:
@@ -138,7 +138,7 @@ def test_classify_files_answers_every_image_and_names_the_bad_one(model_dir, ima
     # The training image it has fitted comes out right.
     assert results[0].predictions[0].name == "airplane"
     # The table: each readable file, then its k classes; the bad file is left to stderr.
-    lines = prediction.format_results(results).splitlines()
+    lines = predict_lib.format_results(results).splitlines()
     assert len(lines) == 4 * 4 and "notes.txt" not in "".join(lines)
     assert lines[0] == results[0].path
     assert lines[1].split() == ["1.", "airplane", f"{results[0].predictions[0].probability:.4f}"]
@@ -180,7 +180,7 @@ def test_predict_cli_bad_model_is_one_line(tmp_path, images_dir):
 def export_dir(model_dir) -> pathlib.Path:
     """What app.export writes for the test model: SavedModel + float32 and int8 .tflite."""
     directory = model_dir / "export"
-    job = exporting.ExportJob(
+    job = export_lib.ExportJob(
         model=str(model_dir / "best.keras"),
         export_dir=str(directory),
         formats=("saved_model", "float32", "int8"),
@@ -188,7 +188,7 @@ def export_dir(model_dir) -> pathlib.Path:
         num_calibration=50,
         num_evaluation=0,
     )
-    exporting.export_model(job)
+    export_lib.export_model(job)
     return directory
 
 
@@ -203,7 +203,7 @@ def _agreement_files(cifar10_dir: pathlib.Path, images_dir: pathlib.Path) -> lis
 @pytest.mark.slow
 def test_formats_agree_on_top1(model_dir, export_dir, cifar10_dir, images_dir):
     files = _agreement_files(cifar10_dir, images_dir)
-    keras_model = predictors.load_predictor(str(model_dir / "best.keras"))
+    keras_model = inference.load_predictor(str(model_dir / "best.keras"))
     answers = {}
     for name, path in (
         ("keras", model_dir / "best.keras"),
@@ -211,9 +211,9 @@ def test_formats_agree_on_top1(model_dir, export_dir, cifar10_dir, images_dir):
         ("float32", export_dir / "model_float32.tflite"),
         ("int8", export_dir / "model_int8.tflite"),
     ):
-        predictor = keras_model if name == "keras" else predictors.load_predictor(str(path))
+        predictor = keras_model if name == "keras" else inference.load_predictor(str(path))
         assert predictor.class_names == keras_model.class_names
-        images = [prediction.read_image(f) for f in files]
+        images = [predict_lib.read_image(f) for f in files]
         answers[name] = predictor.predict(images)
     top1 = {name: probabilities.argmax(1) for name, probabilities in answers.items()}
     np.testing.assert_array_equal(top1["saved_model"], top1["keras"])
@@ -246,7 +246,7 @@ def test_predict_cli_takes_the_highest_saved_model_version(export_dir, images_di
 def test_evaluate_takes_every_exported_format(model_dir, export_dir, cifar10_dir, tmp_path):
     """app.evaluate on the SavedModel and the float32 .tflite scores what Keras scores,
     image for image; the class names come from the export."""
-    from app import evaluation
+    from app import evaluate_lib
 
     config = data.DataConfig(data_dir=str(cifar10_dir), eval_limit=60, seed=0)
     results = {}
@@ -255,10 +255,10 @@ def test_evaluate_takes_every_exported_format(model_dir, export_dir, cifar10_dir
         ("saved_model", export_dir / "saved_model"),
         ("float32", export_dir / "model_float32.tflite"),
     ):
-        run = evaluation.EvalConfig(
+        run = evaluate_lib.EvalConfig(
             str(path), config, "validation", output_dir=str(tmp_path), verbose=0
         )
-        results[name], paths = evaluation.evaluate(run)
+        results[name], paths = evaluate_lib.evaluate(run)
         tag = "" if name == "keras" else f"_{name}"
         assert paths["json"] == str(tmp_path / f"eval_validation{tag}.json")
         assert json.loads(pathlib.Path(paths["json"]).read_text())["format"] == name
@@ -286,7 +286,7 @@ def test_evaluate_cli_on_the_int8_model_reads_the_training_runs_data(export_dir,
     assert f"top-1 accuracy  {document['top1_accuracy']:.4f}" in proc.stdout
     assert (export_dir / "confusion_validation_int8.png").is_file()
     splits = data.load(data.DataConfig(data_dir=str(cifar10_dir), train_limit=1, eval_limit=30))
-    predictor = predictors.load_predictor(str(export_dir / "model_int8.tflite"))
+    predictor = inference.load_predictor(str(export_dir / "model_int8.tflite"))
     answers = predictor.predict(list(splits.validation.images)).argmax(1)
     assert document["top1_accuracy"] == pytest.approx(np.mean(answers == splits.validation.labels))
 
@@ -298,5 +298,5 @@ def test_a_tflite_copied_alone_names_classes_from_its_metadata(export_dir, tmp_p
 
     alone = tmp_path / "model_int8.tflite"
     shutil.copy(export_dir / "model_int8.tflite", alone)
-    predictor = predictors.load_predictor(str(alone))
+    predictor = inference.load_predictor(str(alone))
     assert predictor.class_names == read_labels(str(export_dir))

@@ -28,8 +28,8 @@ import pytest
 import tensorflow as tf
 
 from common.errors import UsageError, first_line
-from export import client, exporter, saved_model
-from export.graph import UNKNOWN_FORMAT as NOT_AN_IMAGE
+from export import all_formats, client, saved_model
+from export.image_header import UNKNOWN_FORMAT as NOT_AN_IMAGE
 from models import preprocessing
 from models.bundle import load_model_bundle
 from tests.helpers import (
@@ -52,14 +52,14 @@ def export_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("client")
     path = save_bundle(root / "model", tiny_model(size=16), preprocessing.cifar(16), CLASSES)
     directory = root / "srv" / "models" / "resnet"
-    config = exporter.ExportConfig(str(directory), formats=("saved_model",))
-    exporter.export_all(load_model_bundle(path), config)
+    config = all_formats.ExportConfig(str(directory), formats=("saved_model",))
+    all_formats.export_all(load_model_bundle(path), config)
     return directory
 
 
 @pytest.fixture(scope="module")
 def served(export_dir):
-    return saved_model.load_serving(str(export_dir / exporter.SAVED_MODEL_DIR))
+    return saved_model.load_serving(str(export_dir / all_formats.SAVED_MODEL_DIR))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_the_documented_base_path_holds_versions_with_saved_model_pb(export_dir)
     export_flag = re.search(r"--export_dir=(\S+)", doc).group(1)
     base_flag = re.search(r"--model_base_path=(\S+)", doc).group(1)
     relative = os.path.relpath(base_flag, export_flag)
-    assert relative == exporter.SAVED_MODEL_DIR
+    assert relative == all_formats.SAVED_MODEL_DIR
     base = export_dir / relative
     assert sorted(os.listdir(base)) == ["1"]
     assert (base / "1" / "saved_model.pb").is_file()
@@ -94,7 +94,7 @@ def test_the_documented_base_path_holds_versions_with_saved_model_pb(export_dir)
     assert json.loads((extra / "preprocessing.json").read_text())["image_size"] == 16
     compose = (REPO / "deploy" / "serving-compose.yaml").read_text()
     source = re.search(r"source: \$\{MODEL_BASE_PATH:-(\S+)\}", compose).group(1)
-    assert source.endswith(f"/export/{exporter.SAVED_MODEL_DIR}")
+    assert source.endswith(f"/export/{all_formats.SAVED_MODEL_DIR}")
     assert "--model_base_path=/models/resnet" in compose and "target: /models/resnet" in compose
 
 
@@ -320,11 +320,11 @@ def test_a_version_folder_stands_on_its_own(export_dir, served, image_files, tmp
     image size (assets.extra); an older export without them reads the export folder's."""
     import shutil
 
-    from app import predictors
+    from app import inference
 
     alone = tmp_path / "server" / "resnet"
     shutil.copytree(export_dir / "saved_model" / "1", alone / "7")
-    predictor = predictors.load_predictor(str(alone))
+    predictor = inference.load_predictor(str(alone))
     assert (predictor.path, predictor.class_names) == (str(alone / "7"), CLASSES)
     assert predictor.image_size == 16
     pixels = [client.read_pixels(f)[0] for f in image_files]
@@ -334,9 +334,9 @@ def test_a_version_folder_stands_on_its_own(export_dir, served, image_files, tmp
     older = tmp_path / "older"
     shutil.copytree(export_dir, older)
     shutil.rmtree(older / "saved_model" / "1" / saved_model.EXTRA_DIR)
-    predictor = predictors.load_predictor(str(older / "saved_model"))
+    predictor = inference.load_predictor(str(older / "saved_model"))
     assert (predictor.class_names, predictor.image_size) == (CLASSES, 16)
     assert predictor.folder == str(older)
     shutil.rmtree(alone / "7" / saved_model.EXTRA_DIR)
     with pytest.raises(UsageError, match=r"labels\.txt not found in"):
-        predictors.load_predictor(str(alone))
+        inference.load_predictor(str(alone))

@@ -15,8 +15,8 @@ from PIL import Image, UnidentifiedImageError
 
 from app.data.types import DataError, Examples
 from common.errors import first_line
-from common.images import MAX_PIXELS, too_large
-from export import graph
+from common.pixel_limits import MAX_PIXELS, too_large
+from export import image_header
 
 # Decoded images are kept in memory when they take at most this share of available RAM
 # and at most MAX_IN_MEMORY_BYTES: CIFAR-10 (150 MB) always does, ImageNet never does. The
@@ -48,7 +48,7 @@ def _header_shape(path: str, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
             w, h = im.size
     except Image.DecompressionBombError:  # over twice Pillow's limit: read the header here
         with open(path, "rb") as f:
-            h, w = (int(n) for n in graph.image_size(f.read()).numpy())
+            h, w = (int(n) for n in image_header.header_size(f.read()).numpy())
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(
             f"{path} is not a readable JPEG/PNG image ({type(e).__name__}); replace or delete it"
@@ -136,9 +136,9 @@ def decode_if_fits(examples: Examples, fixed_shape: bool) -> Examples:
 def decode_image(data: tf.Tensor, max_pixels: int = MAX_PIXELS) -> tf.Tensor:
     """Encoded JPEG/PNG (bytes tensor) -> uint8 [h, w, 3]; grayscale and RGBA become RGB.
 
-    Images over `max_pixels` are refused from their header (`export.graph.decode_image`).
+    Images over `max_pixels` are refused from their header (`export.image_header.decode_image`).
     """
-    return graph.decode_image(data, max_pixels)
+    return image_header.decode_image(data, max_pixels)
 
 
 def _decode_array(

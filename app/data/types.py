@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from common.images import MAX_PIXELS
+from common.pixel_limits import MAX_PIXELS
 
 SOURCE_TFDS = "tfds"
 SOURCE_CIFAR_BATCHES = "cifar-python-batches"

@@ -7,20 +7,20 @@ pure functions over plain arguments (a Keras model, a `tf.data` dataset, arrays)
 metrics are `app.metrics`.
 
 The model may be any exported format too: a `.tflite` file or a SavedModel (base path or
-version folder), run through `app.predictors` on the images as stored (the
+version folder), run through `app.inference` on the images as stored (the
 SavedModel resizes inside its graph; a `.tflite` gets them resized as `app.predict` does), with
 the class names from the export itself. The files are then named after the format
 (`eval_<split>_int8.json`, ...) and go into the export folder.
 
 Example:
 
-    from app import data, evaluation
-    config = evaluation.EvalConfig(
+    from app import data, evaluate_lib
+    config = evaluate_lib.EvalConfig(
         model="runs/cpu_quick/best.keras",
         data=data.DataConfig(data_dir="~/data/cifar10"),
         split="validation",
     )
-    result, paths = evaluation.evaluate(config)
+    result, paths = evaluate_lib.evaluate(config)
     print(result.top1, paths["json"])
 
 Or step by step:
@@ -28,17 +28,17 @@ Or step by step:
     from models.bundle import load_model_bundle
     bundle = load_model_bundle("runs/cpu_quick/best.keras")
     splits = data.load(data.DataConfig(data_dir="~/data/cifar10"))
-    evaluation.check_class_names(bundle.class_names, splits.class_names, "the data")
-    name, examples, note = evaluation.choose_split(splits, "validation")
+    evaluate_lib.check_class_names(bundle.class_names, splits.class_names, "the data")
+    name, examples, note = evaluate_lib.choose_split(splits, "validation")
     ds = data.eval_dataset(examples, bundle.preprocessing, 128)
-    logits, labels, samples = evaluation.predict_logits(bundle.model, ds, [0, 1, 2])
-    result = evaluation.compute_metrics(logits, labels, bundle.class_names, name)
-    print(evaluation.format_report(result))
+    logits, labels, samples = evaluate_lib.predict_logits(bundle.model, ds, [0, 1, 2])
+    result = evaluate_lib.compute_metrics(logits, labels, bundle.class_names, name)
+    print(evaluate_lib.format_report(result))
 
     # an exported model: probabilities, not logits
-    from app import predictors
-    predictor = predictors.load_predictor("runs/cpu_quick/export/model_int8.tflite")
-    probabilities, labels, samples = evaluation.predict_probabilities(predictor, examples)
+    from app import inference
+    predictor = inference.load_predictor("runs/cpu_quick/export/model_int8.tflite")
+    probabilities, labels, samples = evaluate_lib.predict_probabilities(predictor, examples)
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def predict_probabilities(
     batch_size: int = 128,
     flip: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """Runs an `app.predictors.Predictor` (any format) over a split's stored images;
+    """Runs an `app.inference.Predictor` (any format) over a split's stored images;
     with `flip`, the mean of the probabilities of each image and its mirror.
 
     Returns:
@@ -236,7 +236,7 @@ def predict_probabilities(
 def training_model(path: str) -> str:
     """The `.keras` model an exported model came from (the export's report.json says),
     so its training run's flags.txt gives the data to evaluate on; `path` itself otherwise."""
-    from app.predictors import KERAS_SUFFIX, export_folder
+    from app.inference import KERAS_SUFFIX, export_folder
 
     if path.endswith(KERAS_SUFFIX) or not os.path.exists(path):
         return path
@@ -332,17 +332,17 @@ def evaluate(config: EvalConfig) -> tuple[EvalResult, dict[str, str]]:
             empty split, or an output folder that cannot be written.
         app.data.DataError: the data cannot be read.
     """
-    from app import data, predictors
+    from app import data, inference
     from models.bundle import load_model_bundle
 
     # A Keras model runs over the tf.data pipeline in batches; every other format through
     # its predictor, on the images as stored (the same answers app.predict gives).
-    keras_model = config.model.endswith(predictors.KERAS_SUFFIX)
+    keras_model = config.model.endswith(inference.KERAS_SUFFIX)
     if keras_model:
         bundle = load_model_bundle(config.model)
         class_names, folder = bundle.class_names, os.path.dirname(os.path.abspath(config.model))
     else:
-        predictor = predictors.load_predictor(config.model)
+        predictor = inference.load_predictor(config.model)
         class_names, folder = predictor.class_names, predictor.folder
     # Unless train is evaluated, load one training image only: the hold-out is chosen
     # before the limit, and decoding 45,000 unused images would cost most of the run.

@@ -2,7 +2,7 @@
 
 A compressed image can declare far more pixels than its file size suggests (a 1 MB PNG of
 20000x20000 zeros decodes to 1.2 GB): decoders read the size from the header and refuse an
-image over `MAX_PIXELS` before allocating it (`export.graph.decode_image`).
+image over `MAX_PIXELS` before allocating it (`export.image_header.decode_image`).
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@
 Images are resized exactly as an app prepares input for a `.tflite` model
 (`models.preprocessing.resize`, bilinear, then rounded back to uint8), so int8 calibration
 sees what the phone will feed and every format is compared on the same pixels. Reading the
-images (a dataset's train and held-out splits) is the caller's job: see `app.exporting`.
+images (a dataset's train and held-out splits) is the caller's job: see `app.export_lib`.
 
 Example:
 
-    from export import images
-    pixels = images.to_model_input([photo_480x640, photo_32x32], image_size=32)
-    calibration = images.Sample(pixels, labels=None, source="my photos")
+    from export import model_input
+    pixels = model_input.to_model_input([photo_480x640, photo_32x32], image_size=32)
+    calibration = model_input.Sample(pixels, labels=None, source="my photos")
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ preprocessing.json beside it), a SavedModel (base path or version folder), a `.t
 
 Example:
 
-    from app import predictors
-    predictor = predictors.load_predictor("runs/cpu_quick/export/model_int8.tflite")
+    from app import inference
+    predictor = inference.load_predictor("runs/cpu_quick/export/model_int8.tflite")
     probabilities = predictor.predict([image])   # [1, classes]
     print(predictor.class_names[probabilities[0].argmax()])
 """
@@ -257,7 +257,7 @@ class ONNXPredictor(Predictor):
             )
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        from export.images import to_model_input
+        from export.model_input import to_model_input
 
         if not len(images):
             return np.zeros((0, len(self.class_names)), np.float32)

@@ -1,4 +1,4 @@
-"""Top-k classification of image files with any format `app.predictors` loads.
+"""Top-k classification of image files with any format `app.inference` loads.
 
 Every format shares one image path: decode (JPEG/PNG/GIF/BMP/WebP, grayscale and RGBA to RGB,
 images over the pixel limit refused from their header), then the predictor resizes float
@@ -8,12 +8,12 @@ what `python -m app.predict` runs.
 
 Example:
 
-    from app import prediction, predictors
-    predictor = predictors.load_predictor("runs/cpu_quick/best.keras")
-    image = prediction.read_image("cat.jpg")
-    print(prediction.top_k(predictor.predict([image])[0], predictor.class_names, k=3))
+    from app import inference, predict_lib
+    predictor = inference.load_predictor("runs/cpu_quick/best.keras")
+    image = predict_lib.read_image("cat.jpg")
+    print(predict_lib.top_k(predictor.predict([image])[0], predictor.class_names, k=3))
 
-    prediction.predict_files("runs/cpu_quick/export/model_int8.tflite", ["cat.jpg"], k=3)
+    predict_lib.predict_files("runs/cpu_quick/export/model_int8.tflite", ["cat.jpg"], k=3)
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from app.predictors import BATCH, Predictor, load_predictor
+from app.inference import BATCH, Predictor, load_predictor
 from common.errors import UsageError, first_line
-from common.images import MAX_PIXELS
+from common.pixel_limits import MAX_PIXELS
 
 
 class ImageError(ValueError):
@@ -56,14 +56,14 @@ def read_image(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """
     import tensorflow as tf
 
-    from export import graph
+    from export import image_header
 
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such file")
     with open(path, "rb") as f:
         data = f.read()
     try:
-        image = graph.decode_image(data, max_pixels)
+        image = image_header.decode_image(data, max_pixels)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
         raise ImageError(f"{path}: not a readable image ({first_line(e)})") from e
     return image.numpy()

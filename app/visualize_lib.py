@@ -5,9 +5,9 @@ as in the reference tutorial's first figure; any data `app.data.load` reads will
 
 Example:
 
-    from app import data, visualization
+    from app import data, visualize_lib
     config = data.DataConfig(data_dir="~/data/cifar10")
-    visualization.draw_samples(config, "train", num=6, output="samples.png", seed=0)
+    visualize_lib.draw_samples(config, "train", num=6, output="samples.png", seed=0)
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ seed and fraction, so the model has not seen it) measures every format's agreeme
 
 Example:
 
-    from app import data, exporting
-    job = exporting.ExportJob(
+    from app import data, export_lib
+    job = export_lib.ExportJob(
         model="runs/cpu_quick/best.keras",
         data=data.DataConfig(data_dir="~/data/cifar10"),
     )
-    report = exporting.export_model(job)   # writes runs/cpu_quick/export/
+    report = export_lib.export_model(job)   # writes runs/cpu_quick/export/
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from app import data
 from app.data import DataConfig
 from app.training.config import FLAGS_FILE
 from common.errors import UsageError
-from common.images import MAX_PIXELS
+from common.pixel_limits import MAX_PIXELS
 from export import FORMATS
-from export.images import Sample, to_model_input
+from export.model_input import Sample, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def calibration_and_evaluation(
     """(calibration sample from train, evaluation sample from test/validation or None).
 
     Both are stratified, seeded by `config.seed`, and resized like app input
-    (`export.images.to_model_input`). The evaluation labels are None when the data's classes
+    (`export.model_input.to_model_input`). The evaluation labels are None when the data's classes
     are not the model's.
 
     Raises:
@@ -122,7 +122,7 @@ def export_model(job: ExportJob) -> dict:
             (all before anything is written).
         app.data.DataError: the real images cannot be read.
     """
-    from export import exporter, report
+    from export import all_formats, report
     from models.bundle import load_model_bundle
 
     if job.num_calibration < 1 or job.num_evaluation < 0:
@@ -150,7 +150,7 @@ def export_model(job: ExportJob) -> dict:
     if os.path.isfile(flags_path):  # the model card's training recipe
         with open(flags_path) as f:
             training_flags = f.read()
-    config = exporter.ExportConfig(
+    config = all_formats.ExportConfig(
         export_dir,
         job.formats,
         calibration,
@@ -160,7 +160,7 @@ def export_model(job: ExportJob) -> dict:
         training_flags=training_flags,
         max_pixels=job.max_pixels,
     )
-    result = exporter.export_all(bundle, config)
+    result = all_formats.export_all(bundle, config)
     print(report.to_markdown(result))
     print(f"exported {', '.join(job.formats)} to {export_dir}")
     return result

@@ -1,19 +1,19 @@
 """`export_all`: every deployable format of a trained model, plus the report that checks them.
 
-Takes a model bundle and image arrays (`export.images.Sample`: int8 calibration images and
-held-out images to compare every format with Keras on); `app.exporting` reads them from a
+Takes a model bundle and image arrays (`export.model_input.Sample`: int8 calibration images and
+held-out images to compare every format with Keras on); `app.export_lib` reads them from a
 dataset for `python -m app.export`. Everything that can be wrong with the input (formats,
 calibration images) is checked before anything is written; each file is then written
 atomically, so a failure never leaves half a file or half a SavedModel version behind.
 
 Example:
 
-    from export import exporter, images
+    from export import all_formats, model_input
     from models.bundle import load_model_bundle
     bundle = load_model_bundle("runs/cpu_quick/best.keras")
-    calibration = images.Sample(uint8_train_images, None, "my training images")
-    config = exporter.ExportConfig("runs/cpu_quick/export", calibration=calibration)
-    report = exporter.export_all(bundle, config)
+    calibration = model_input.Sample(uint8_train_images, None, "my training images")
+    config = all_formats.ExportConfig("runs/cpu_quick/export", calibration=calibration)
+    report = all_formats.export_all(bundle, config)
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ import numpy as np
 
 from common.errors import UsageError
 from common.files import atomic_path
-from common.images import MAX_PIXELS
+from common.pixel_limits import MAX_PIXELS
 from export import (
     FORMATS,
     ONNX,
     SAVED_MODEL,
     TFLITE_FORMATS,
-    images,
     metadata,
     model_card,
+    model_input,
     onnx,
     report,
     saved_model,
@@ -57,7 +57,7 @@ class ExportConfig:
     Attributes:
         export_dir: output folder; the SavedModel base path is `export_dir/saved_model`.
         formats: some of `export.FORMATS`.
-        calibration: training images (uint8 [n, S, S, 3], see `export.images`) that
+        calibration: training images (uint8 [n, S, S, 3], see `export.model_input`) that
             calibrate the full-int8 model; None: no int8 model.
         evaluation: held-out images on which every format is compared with Keras (labels,
             when they are the model's classes, add accuracy); None: no agreement figures.
@@ -69,8 +69,8 @@ class ExportConfig:
 
     export_dir: str
     formats: tuple[str, ...] = FORMATS
-    calibration: images.Sample | None = None
-    evaluation: images.Sample | None = None
+    calibration: model_input.Sample | None = None
+    evaluation: model_input.Sample | None = None
     author: str = ""
     version: str = ""
     training_flags: str | None = None
@@ -165,12 +165,12 @@ def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
     return result
 
 
-def _check_sample(sample: images.Sample, size: int, name: str) -> None:
+def _check_sample(sample: model_input.Sample, size: int, name: str) -> None:
     """The contract of `Sample`, checked before anything is written."""
     pixels = np.asarray(sample.images)
     if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
         raise UsageError(
-            f"{name} images must be uint8 [n, {size}, {size}, 3] (see export.images."
+            f"{name} images must be uint8 [n, {size}, {size}, 3] (see export.model_input."
             f"to_model_input), got {pixels.dtype} {list(pixels.shape)}"
         )
     if sample.labels is not None and len(sample.labels) != len(pixels):
@@ -181,8 +181,8 @@ def _report(
     bundle: ModelBundle,
     config: ExportConfig,
     written: dict[str, str],
-    calibration: images.Sample | None,
-    evaluation: images.Sample | None,
+    calibration: model_input.Sample | None,
+    evaluation: model_input.Sample | None,
     created: str,
 ) -> dict:
     size = bundle.preprocessing.image_size
