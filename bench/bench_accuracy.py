@@ -52,22 +52,22 @@ def run(
     import keras
 
     from app import data
-    from bench import bench_train
+    from bench import bench_train, train_cases
     from models import preprocessing
 
-    parsed = [bench_train.Case.parse(name) for name in cases]
+    parsed = [train_cases.Case.parse(name) for name in cases]
     splits = data.load(
         data.DataConfig(data_dir=data_dir, validation_split=0.1, eval_limit=validation_images)
     )
     if log:
         log(f"  {splits.summary()}")
-    prep = preprocessing.cifar(bench_train.IMAGE_SIZE)
+    prep = preprocessing.cifar(train_cases.IMAGE_SIZE)
     # Every case starts from the weights of the plain float32 model built with `seed`, so
     # runs with different case lists stay comparable and only the setting differs.
     keras.utils.set_random_seed(seed)
     first = parsed[0]
     plain = bench_train.build_model(
-        bench_train.Case.parse(f"{first.model}-{first.stem}-f32"),
+        train_cases.Case.parse(f"{first.model}-{first.stem}-f32"),
     )
     initial = plain.get_weights()
     del plain

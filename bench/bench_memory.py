@@ -21,7 +21,7 @@ import sys
 from absl import flags
 
 from app import cli
-from bench import common, train_report
+from bench import common, train_cases
 
 DEFAULT_CASES = (
     "ours-imagenet-f32",
@@ -70,7 +70,7 @@ def child(case_name: str, batch_size: int, steps: int) -> dict:
     from bench import bench_train
 
     start = time.perf_counter()
-    case = bench_train.Case.parse(case_name)
+    case = train_cases.Case.parse(case_name)
     model = bench_train.build_model(case)
     bench_train.compile_model(model, case)
     after_build = psutil.Process().memory_info().rss
@@ -89,11 +89,10 @@ def measure(
     cases: tuple[str, ...] = DEFAULT_CASES, batch_size: int = 128, steps: int = 2, log=print
 ) -> list[Memory]:
     """Runs each case in a fresh `python -m bench.bench_memory --child` process."""
-    from bench import bench_train
     from common.errors import UsageError
 
     for name in cases:
-        bench_train.Case.parse(name)  # a bad name fails here, before any process starts
+        train_cases.Case.parse(name)  # a bad name fails here, before any process starts
     results = []
     for name in cases:
         command = [
@@ -123,11 +122,10 @@ def measure(
 
 def report(results: list[Memory], batch_size: int = 128) -> str:
     """Markdown table of `measure`'s results."""
-    from bench import bench_train
 
     rows = []
     for r in results:
-        model, stem, settings = train_report.describe(bench_train.Case.parse(r.case))
+        model, stem, settings = train_cases.describe(train_cases.Case.parse(r.case))
         rows.append(
             (
                 model,

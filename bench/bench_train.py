@@ -8,24 +8,7 @@ process and are measured in turns (A, B, C, A, B, C, ...), so a neighbour's burs
 hits all of them alike; each figure is the median of `--repeats` measurements of `--steps`
 steady-state steps after `--warmup_steps` untimed ones.
 
-A case is written `<model>-<stem>-<precision>[+option...]`:
-  model      ours (models.resnet.resnet50) | ours18 (resnet18, the quick recipe's model) |
-             keras (keras.applications.ResNet50, weights=None, no softmax)
-  stem       imagenet (32x32 input) | cifar, cifar_pool (ours only) | up128 (keras only: the 32x32
-             batch resized to 128x128 inside the model, so its stages see the same
-             32/16/8/4 feature maps as our CIFAR stem)
-  precision  f32 | bf16 (mixed_bfloat16)
-  options    xla (compile(jit_compile=True)), spe<N> (steps_per_execution=N),
-             v1 (ours with the stride on the 1x1 conv, as keras.applications),
-             nchw (keras only: channels_first layout),
-             mm (1x1 and other matmul-shaped convolutions as one matmul:
-                 models.layers.MatmulConv2D),
-             fbn (batch norm through TensorFlow's fused kernel in training:
-                 models.layers.FusedBatchNormalization),
-             fsgd (the SGD momentum update in one kernel per variable, as app.train
-                 runs it: app.training.recipe.FusedSGD; without it Keras' SGD)
-             Without mm/fbn a case has stock Conv2D/BatchNormalization layers, ours included
-             (`models.resnet` itself builds with both: ours-...+mm+fbn is what app.train runs).
+Cases are written as `bench.train_cases` says, e.g. `ours-imagenet-bf16+mm+fbn`.
 
 Usage:
     python -m bench.bench_train --cases=ours-imagenet-f32,keras-imagenet-f32 --repeats=3
@@ -37,97 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 
 from absl import flags
 
 from app import cli
-from bench import common, train_report
-
-# The comparison of the issue, pairwise: ours (as models.resnet builds it) and keras.applications,
-# both stems, both precisions.
-MAIN_CASES = (
-    "ours-imagenet-f32+mm+fbn",
-    "keras-imagenet-f32",
-    "ours-imagenet-bf16+mm+fbn",
-    "keras-imagenet-bf16",
-)
-CIFAR_CASES = (
-    "ours-cifar-f32+mm+fbn",
-    "keras-up128-f32",
-    "ours-cifar-bf16+mm+fbn",
-    "keras-up128-bf16",
-)
-NUM_CLASSES = 10
-IMAGE_SIZE = 32
-_POLICIES = {"f32": "float32", "bf16": "mixed_bfloat16"}
-_CASE = re.compile(
-    r"^(ours|ours18|keras)-(imagenet|cifar|cifar_pool|up128)-(f32|bf16)((?:\+[a-z0-9]+)*)$"
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One training configuration to time."""
-
-    name: str
-    model: str
-    stem: str
-    policy: str
-    jit_compile: bool = False
-    steps_per_execution: int = 1
-    stride_on_1x1: bool = False
-    channels_first: bool = False
-    matmul_convs: bool = False
-    fused_bn: bool = False
-    fused_sgd: bool = False
-
-    @classmethod
-    def parse(cls, name: str) -> Case:
-        """Parses `ours-imagenet-bf16+xla+spe8`; raises UsageError on a bad name."""
-        from common.errors import UsageError
-
-        match = _CASE.match(name)
-        if not match:
-            raise UsageError(
-                f"bad case {name!r}: write <ours|ours18|keras>-"
-                "<imagenet|cifar|cifar_pool|up128>-<f32|bf16>[+xla][+spe<N>][+v1][+nchw][+mm][+fbn][+fsgd]"
-            )
-        model, stem, precision, options = match.groups()
-        keras_model = model == "keras"
-        if (keras_model and stem.startswith("cifar")) or (not keras_model and stem == "up128"):
-            raise UsageError(f"bad case {name!r}: cifar stems are ours only, up128 keras only")
-        kwargs: dict = {}
-        for option in filter(None, options.split("+")):
-            if option == "xla":
-                kwargs["jit_compile"] = True
-            elif option == "v1" and model != "keras":
-                kwargs["stride_on_1x1"] = True
-            elif option == "nchw" and model == "keras":
-                kwargs["channels_first"] = True
-            elif option == "mm":
-                kwargs["matmul_convs"] = True
-            elif option == "fbn":
-                kwargs["fused_bn"] = True
-            elif option == "fsgd":
-                kwargs["fused_sgd"] = True
-            elif re.fullmatch(r"spe[1-9][0-9]*", option):
-                kwargs["steps_per_execution"] = int(option[3:])
-            else:
-                raise UsageError(f"bad case {name!r}: unknown option {option!r}")
-        return cls(name, model, stem, _POLICIES[precision], **kwargs)
-
-
-@dataclasses.dataclass(frozen=True)
-class Result:
-    """Throughput of one case: images/s (wall clock) and CPU-seconds per image."""
-
-    case: Case
-    images_per_s: common.Stats
-    cpu_s_per_image: common.Stats
-    train_flops_per_image: int
-    compile_s: float
+from bench import common, train_cases
+from bench.train_cases import IMAGE_SIZE, MAIN_CASES, NUM_CLASSES, Case, Result
 
 
 def build_model(case: Case):
@@ -295,7 +194,7 @@ def measure(
 
 
 def define_flags() -> None:
-    flags.DEFINE_list("cases", list(MAIN_CASES), "Cases to time, in turns (see the docstring).")
+    flags.DEFINE_list("cases", list(MAIN_CASES), "Cases to time, in turns (see bench.train_cases).")
     flags.DEFINE_integer("batch_size", 128, "Images per training step.", lower_bound=1)
     flags.DEFINE_integer("warmup_steps", 3, "Untimed steps per case after compiling.")
     flags.DEFINE_integer("steps", 4, "Timed steps per measurement.", lower_bound=1)
@@ -328,7 +227,7 @@ def main(argv: list[str]) -> None:
         repeats=flag("repeats"),
     )
     peaks = common.best_peaks(peaks, common.measure_peaks())
-    print(train_report.report(results, peaks, flag("baseline")))
+    print(train_cases.report(results, peaks, flag("baseline")))
     if flag("json_out"):
         from common.files import write_text_atomic
 

@@ -20,7 +20,7 @@ import time
 from absl import flags, logging
 
 from app import cli
-from bench import common, train_report
+from bench import common, train_cases
 
 SECTIONS = ("train", "train_cifar", "fit", "data", "inference", "memory")
 # The plain reference of the issue: keras.applications.ResNet50 in model.fit, float32.
@@ -37,17 +37,17 @@ def train_section(repeats: int):
     """Measures now; returns a function that renders the section once the peaks are final."""
     from bench import bench_train
 
-    names = (*bench_train.MAIN_CASES, *ABLATION_CASES)
-    cases = [bench_train.Case.parse(name) for name in names]
+    names = (*train_cases.MAIN_CASES, *ABLATION_CASES)
+    cases = [train_cases.Case.parse(name) for name in names]
     results = bench_train.measure(cases, warmup_steps=2, steps=3, repeats=repeats)
     by_name = {r.case.name: r.images_per_s.median for r in results}
-    best = max(bench_train.MAIN_CASES[::2], key=by_name.__getitem__)
+    best = max(train_cases.MAIN_CASES[::2], key=by_name.__getitem__)
     speedup = by_name[best] / by_name[BASELINE]
     verdict = "meets" if speedup >= TARGET_SPEEDUP else "MISSES"
     slower = [
         f"{ours} ({by_name[ours]:.0f} vs {by_name[keras]:.0f} images/s)"
         for ours, keras in zip(
-            bench_train.MAIN_CASES[::2], bench_train.MAIN_CASES[1::2], strict=True
+            train_cases.MAIN_CASES[::2], train_cases.MAIN_CASES[1::2], strict=True
         )
         if by_name[ours] < by_name[keras]
     ]
@@ -57,7 +57,7 @@ def train_section(repeats: int):
             [
                 "### Training, 32x32, ImageNet stem (batch 128, SGD momentum, synthetic batches)",
                 "",
-                train_report.report(results, peaks, BASELINE),
+                train_cases.report(results, peaks, BASELINE),
                 "",
                 f"Fastest: `{best}`, {speedup:.2f}x plain keras.applications.ResNet50 "
                 f"`model.fit` float32 ({verdict} the {TARGET_SPEEDUP}x target). "
@@ -72,7 +72,7 @@ def train_cifar_section(repeats: int):
     """As `train_section`, for the CIFAR stem."""
     from bench import bench_train
 
-    cases = [bench_train.Case.parse(name) for name in bench_train.CIFAR_CASES]
+    cases = [train_cases.Case.parse(name) for name in train_cases.CIFAR_CASES]
     # One step is 3-10 s here: single-step measurements are long enough to be steady.
     results = bench_train.measure(cases, warmup_steps=1, steps=1, repeats=repeats)
 
@@ -85,7 +85,7 @@ def train_cifar_section(repeats: int):
                 "32x32 batches resized to 128x128 inside the model, which gives its stages the "
                 "same 32/16/8/4 feature maps (its 7x7/2 stem and max-pool cost a little more).",
                 "",
-                train_report.report(results, peaks, "keras-up128-f32"),
+                train_cases.report(results, peaks, "keras-up128-f32"),
             ]
         )
 

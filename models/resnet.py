@@ -15,12 +15,16 @@ Example:
 
 from __future__ import annotations
 
+import json
+import os
+import zipfile
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import keras
 from keras import layers
 
+from models import weights as weights_lib
 from models.layers import FusedBatchNormalization, MatmulConv2D
 
 Stem = Literal["imagenet", "cifar", "cifar_pool"]
@@ -213,6 +217,32 @@ def build_stem(x, kind: Stem):
     return layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
 
 
+def _keras_file_stride_on(path: str) -> str | None:
+    """The stride placement of a `.keras` ResNet, read from its config.json."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
+        return None
+    for layer in config.get("config", {}).get("layers", []):
+        if layer.get("name") == "conv3_block1_1_conv":  # conv3's first block strides
+            return "1x1" if tuple(layer["config"]["strides"]) == (2, 2) else "3x3"
+    return None
+
+
+def default_stride_on(weights: str | None) -> StrideOn:
+    """The layout `weights` were trained with: "1x1" for Keras Applications' (ImageNet or
+    a legacy `.h5` in their layout), a `.keras` ResNet's own, else "3x3" (ResNet v1.5)."""
+    if weights == "imagenet":
+        return "1x1"
+    if weights and os.path.exists(weights):
+        if weights.endswith(".keras"):
+            return _keras_file_stride_on(weights) or "3x3"
+        if weights_lib.is_legacy_h5(weights):
+            return "1x1"
+    return "3x3"
+
+
 def resnet(
     block: Callable,
     blocks_per_stage: Sequence[int],
@@ -252,14 +282,12 @@ def resnet(
     Returns:
         A `keras.Model` that returns float32 logits (or features without top).
     """
-    from models import weights as weights_lib  # imported here: weights imports this module
-
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     if stride_on is None:
-        stride_on = weights_lib.default_stride_on(weights)
+        stride_on = default_stride_on(weights)
 
     inputs = keras.Input(shape=input_shape, name="images")
     x = build_stem(inputs, stem)
@@ -283,7 +311,7 @@ def resnet(
 
     model = keras.Model(inputs, x, name=name)
     if weights is not None:
-        weights_lib.load_into(model, weights, arch=name)
+        weights_lib.load_into(model, weights, arch=name, head=HEAD)
     return model
 
 
@@ -297,36 +325,18 @@ _ARCHS: dict[str, tuple[Callable, tuple[int, ...]]] = {
 ARCHITECTURES = tuple(_ARCHS)
 
 
-def build(
-    arch: str,
-    num_classes: int = 1000,
-    input_shape: tuple[int | None, int | None, int] = (224, 224, 3),
-    stem: Stem = "imagenet",
-    include_top: bool = True,
-    weights: str | None = None,
-    dropout: float = 0.0,
-    stride_on: StrideOn | None = None,
-    pooling: Literal["avg", "max"] | None = None,
-    zero_init_last: bool = True,
-) -> keras.Model:
-    """Builds a ResNet by name ("resnet18" ... "resnet152"); see `resnet`."""
+def build(arch: str, **options) -> keras.Model:
+    """Builds a ResNet by name ("resnet18" ... "resnet152").
+
+    Args:
+        arch: one of `ARCHITECTURES`.
+        **options: the keyword arguments of `resnet` (all but `block`, `blocks_per_stage`
+            and `name`, which come from `arch`).
+    """
     if arch not in _ARCHS:
         raise ValueError(f"unknown model {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     block, blocks_per_stage = _ARCHS[arch]
-    return resnet(
-        block,
-        blocks_per_stage,
-        num_classes=num_classes,
-        input_shape=input_shape,
-        stem=stem,
-        include_top=include_top,
-        weights=weights,
-        dropout=dropout,
-        stride_on=stride_on,
-        pooling=pooling,
-        zero_init_last=zero_init_last,
-        name=arch,
-    )
+    return resnet(block, blocks_per_stage, name=arch, **options)
 
 
 def resnet18(**kwargs) -> keras.Model:

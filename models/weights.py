@@ -11,17 +11,17 @@ Sources, matched to the model by layer name:
 - a Keras 3 `.weights.h5` file of the same architecture (matched by structure,
   since Keras 3 names its groups by class, not by layer).
 
-The head (`predictions`) is loaded only when it exists in both and its shape
-fits; otherwise it stays freshly initialised, which is how fine-tuning starts.
-Every other layer must fit exactly, or `WeightsError` names the file and the
-first layer that does not.
+The head (the layer the caller names, `models.resnet.HEAD`) is loaded only when it
+exists in both and its shape fits; otherwise it stays freshly initialised, which is how
+fine-tuning starts. Every other layer must fit exactly, or `WeightsError` names the file and
+the first layer that does not. Nothing here knows the network's layer names: the caller
+names the head, and a convolution's bias folds into the batch norm that takes its output in
+the model's graph.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 
 import h5py
 import keras
@@ -29,7 +29,6 @@ import numpy as np
 
 from common.errors import UsageError, first_line
 from models.bundle import check_keras_archive
-from models.resnet import HEAD
 
 _BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 # (with top, without top) md5 hashes, as in keras/src/applications/resnet.py.
@@ -62,7 +61,8 @@ def imagenet_weights_path(arch: str, include_top: bool) -> str:
     )
 
 
-def _is_legacy_h5(path: str) -> bool:
+def is_legacy_h5(path: str) -> bool:
+    """Whether `path` is a legacy Keras `.h5` weights file (Keras Applications' layout)."""
     if path.endswith(".weights.h5"):
         return False
     try:
@@ -70,31 +70,6 @@ def _is_legacy_h5(path: str) -> bool:
             return "layer_names" in f.attrs or "model_weights" in f
     except OSError:
         return False
-
-
-def _keras_config_stride_on(path: str) -> str | None:
-    """Reads the stride placement of a `.keras` ResNet from its config.json."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            config = json.loads(archive.read("config.json"))
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
-        return None
-    for layer in config.get("config", {}).get("layers", []):
-        if layer.get("name") == "conv3_block1_1_conv":
-            return "1x1" if tuple(layer["config"]["strides"]) == (2, 2) else "3x3"
-    return None
-
-
-def default_stride_on(weights: str | None) -> str:
-    """The layout the weights were trained with: "1x1" for Keras Applications, else "3x3"."""
-    if weights == "imagenet":
-        return "1x1"
-    if weights and os.path.exists(weights):
-        if weights.endswith(".keras"):
-            return _keras_config_stride_on(weights) or "3x3"
-        if _is_legacy_h5(weights):
-            return "1x1"
-    return "3x3"
 
 
 def _read_legacy_h5(path: str) -> dict[str, list[np.ndarray]]:
@@ -151,21 +126,42 @@ def _fit(path: str, layer: keras.Layer, arrays: list[np.ndarray]) -> None:
     layer.set_weights(arrays)
 
 
+def _batch_norm_after(model: keras.Model) -> dict[str, str]:
+    """{convolution name: name of the batch norm that takes its output}, from the graph."""
+    convs = {
+        id(layer.output): layer.name
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Conv2D)
+    }
+    return {
+        convs[id(layer.input)]: layer.name
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization) and id(layer.input) in convs
+    }
+
+
 def assign_layer_weights(
-    model: keras.Model, source: dict[str, list[np.ndarray]], path: str
+    model: keras.Model, source: dict[str, list[np.ndarray]], path: str, head: str
 ) -> list[str]:
     """Sets every layer of `model` from `source`, folding conv biases into batch norm.
+
+    Args:
+        model: the model to fill.
+        source: `{layer name: [arrays]}` (`read_layer_weights`).
+        path: where `source` came from, for messages.
+        head: the layer left fresh when `source` has no weights of its shape.
 
     Returns:
         Names of the layers left freshly initialised (only the head can be).
     """
+    batch_norm_after = _batch_norm_after(model)
     pending_bias: dict[str, np.ndarray] = {}
     used, skipped = set(), []
     for layer in model.layers:
         if not layer.weights:
             continue
         arrays = source.get(layer.name)
-        if layer.name == HEAD:
+        if layer.name == head:
             if arrays is not None and [tuple(a.shape) for a in arrays] == [
                 tuple(w.shape) for w in layer.weights
             ]:
@@ -182,18 +178,18 @@ def assign_layer_weights(
         arrays = [np.asarray(a) for a in arrays]
         if isinstance(layer, keras.layers.Conv2D) and not layer.use_bias and len(arrays) == 2:
             kernel, bias = arrays
-            pending_bias[layer.name.removesuffix("_conv") + "_bn"] = bias
+            if layer.name not in batch_norm_after:
+                raise WeightsError(
+                    f"{path}: cannot fold the bias of {layer.name!r}: no batch norm takes its "
+                    "output in the model"
+                )
+            pending_bias[batch_norm_after[layer.name]] = bias
             arrays = [kernel]
         elif isinstance(layer, keras.layers.BatchNormalization) and layer.name in pending_bias:
             gamma, beta, mean, var = arrays
             arrays = [gamma, beta, mean - pending_bias.pop(layer.name), var]
         _fit(path, layer, arrays)
-    if pending_bias:
-        raise WeightsError(
-            f"{path}: cannot fold the bias of {sorted(pending_bias)[0]!r}: "
-            "no batch norm follows it in the model"
-        )
-    extra = [name for name in source if name not in used and name != HEAD]
+    extra = [name for name in source if name not in used and name != head]
     if extra:
         raise WeightsError(
             f"{path} does not fit the model: it has weights for layer {extra[0]!r}, "
@@ -202,15 +198,21 @@ def assign_layer_weights(
     return skipped
 
 
-def load_into(model: keras.Model, weights: str, arch: str) -> list[str]:
+def load_into(model: keras.Model, weights: str, arch: str, head: str) -> list[str]:
     """Loads `weights` ("imagenet" or a path) into `model`; see the module docstring.
+
+    Args:
+        model: the network to fill.
+        weights: "imagenet" or a weights file.
+        arch: the Keras Applications name of the network ("resnet50"), for "imagenet".
+        head: the classifier layer, kept fresh when the weights' head does not fit.
 
     Returns:
         Names of the layers left freshly initialised.
     """
     if weights == "imagenet":
-        has_top = any(layer.name == HEAD for layer in model.layers)
-        top = has_top and model.get_layer(HEAD).units == IMAGENET_CLASSES
+        has_top = any(layer.name == head for layer in model.layers)
+        top = has_top and model.get_layer(head).units == IMAGENET_CLASSES
         path = imagenet_weights_path(arch, include_top=top)
     else:
         path = os.fspath(weights)
@@ -225,4 +227,4 @@ def load_into(model: keras.Model, weights: str, arch: str) -> list[str]:
                 "Keras 3 .weights.h5 file must come from the same architecture"
             ) from e
         return []
-    return assign_layer_weights(model, read_layer_weights(path), path)
+    return assign_layer_weights(model, read_layer_weights(path), path, head)

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from bench import bench_int8, bench_train, common, variants
+from bench import bench_int8, common, train_cases, variants
 from common.errors import UsageError
 
 
@@ -50,14 +50,14 @@ def test_variants_swap_the_layers_both_ways_and_keep_the_function():
 
 
 def test_case_names_parse_and_bad_ones_fail_with_one_line():
-    case = bench_train.Case.parse("ours-imagenet-bf16+spe8+mm")
+    case = train_cases.Case.parse("ours-imagenet-bf16+spe8+mm")
     assert (case.model, case.stem, case.policy) == ("ours", "imagenet", "mixed_bfloat16")
     assert case.steps_per_execution == 8 and case.matmul_convs and not case.jit_compile
-    assert bench_train.Case.parse("keras-up128-f32+xla").jit_compile
-    assert bench_train.Case.parse("ours18-cifar-f32").model == "ours18"
-    pooled = bench_train.Case.parse("ours18-cifar_pool-bf16+mm+fbn+fsgd")
+    assert train_cases.Case.parse("keras-up128-f32+xla").jit_compile
+    assert train_cases.Case.parse("ours18-cifar-f32").model == "ours18"
+    pooled = train_cases.Case.parse("ours18-cifar_pool-bf16+mm+fbn+fsgd")
     assert pooled.stem == "cifar_pool" and pooled.fused_sgd and pooled.fused_bn
-    assert not bench_train.Case.parse("ours-imagenet-f32").fused_sgd
+    assert not train_cases.Case.parse("ours-imagenet-f32").fused_sgd
     for bad in (
         "ours-imagenet",
         "keras-cifar-f32",
@@ -67,7 +67,7 @@ def test_case_names_parse_and_bad_ones_fail_with_one_line():
         "keras-imagenet-f32+v1",
     ):
         with pytest.raises(UsageError, match="bad case"):
-            bench_train.Case.parse(bad)
+            train_cases.Case.parse(bad)
 
 
 def test_table_and_stats():

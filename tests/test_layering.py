@@ -48,6 +48,60 @@ def _modules() -> dict[str, pathlib.Path]:
     return found
 
 
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    """The project modules `path` imports anywhere (in functions and under `TYPE_CHECKING`
+    too): `from a.b import c` names the module `a.b.c` when there is one, else `a.b`. Parent
+    packages of an imported module are not counted: Python initialises them first."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                name = f"{node.module}.{alias.name}"
+                found.add(name if name in MODULES else node.module)
+    return found & set(MODULES)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: its strongly connected components of more than one
+    module (Tarjan's algorithm, iterative), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return cycles
+
+
 def _imports(path: pathlib.Path, anywhere: bool = True) -> set[str]:
     """Absolute module names `path` imports (at module level only, unless `anywhere`)."""
     tree = ast.parse(path.read_text(), str(path))
@@ -94,6 +148,19 @@ def test_imports_run_one_way(module):
     assert not upward, f"{module} imports {upward}: against the layering"
     flags = {"absl.flags", "absl.app"} & _imports(MODULES[module])
     assert not flags, f"{module} is a library but uses {flags}: flags belong to app programs"
+
+
+def test_no_import_cycles_anywhere():
+    """No two modules of the project (bench and tests included) import each other, directly
+    or through others, counting imports inside functions and under `TYPE_CHECKING`."""
+    graph = {module: _imported_modules(path) - {module} for module, path in MODULES.items()}
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e", "f"}, "f": {"e"}}
+    assert sorted(_cycles(graph)) == [["a", "b", "c"], ["e", "f"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_models_and_common_import_no_tensorflow_at_module_level():

@@ -359,7 +359,7 @@ def resolve_normalization(normalization: str, pretrained: str) -> str:
             return Preprocessing.load(directory).name
         from models import weights as weights_lib
 
-        if weights_lib.default_stride_on(pretrained) == "1x1":  # a Keras Applications file
+        if weights_lib.is_legacy_h5(pretrained):  # a Keras Applications file
             return "imagenet"
     return "cifar"
 
