@@ -27,8 +27,6 @@ from common.errors import UsageError
 from common.pixel_limits import MAX_PIXELS
 
 FLAGS = flags.FLAGS
-# What app.train writes beside the model: a flagfile that reproduces the run.
-TRAINING_FLAGS_FILE = "flags.txt"
 # Data flags that, when not given, default to the training run's values.
 INHERITED_DATA_FLAGS = ("dataset", "data_dir", "validation_split")
 
@@ -45,6 +43,11 @@ def define_max_pixels_flag(flag_values: flags.FlagValues = FLAGS) -> None:
         lower_bound=1,
         flag_values=flag_values,
     )
+
+
+def max_pixels_from_flags(flag_values: flags.FlagValues = FLAGS) -> int:
+    """The parsed --max_pixels."""
+    return flag_values["max_pixels"].value
 
 
 def define_data_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -125,7 +128,7 @@ def data_config_from_flags(
         train_limit=flag_values["train_limit"].value,
         eval_limit=flag_values["eval_limit"].value,
         seed=seed,
-        max_pixels=flag_values["max_pixels"].value,
+        max_pixels=max_pixels_from_flags(flag_values),
     )
 
 
@@ -154,7 +157,10 @@ def training_run_flags(model_path: str) -> dict[str, object]:
     Raises:
         UsageError: a seed or validation fraction in flags.txt that is not a number.
     """
-    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), TRAINING_FLAGS_FILE)
+    # Imported here: the training library loads TensorFlow, which --help should not wait for.
+    from app.training.config import FLAGS_FILE
+
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), FLAGS_FILE)
     trained: dict[str, object] = dict(read_flagfile(path))
     try:
         if "seed" in trained:

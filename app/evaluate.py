@@ -11,9 +11,9 @@ train is the one training held out. --split=test on data without a test split ev
 validation split instead, says so, and names the files `*_validation.*`. Data whose classes
 differ from the model's labels.txt is refused.
 
---model may also be an exported model (what app.export writes): a `.tflite` file or a
-SavedModel (its base path `export/saved_model`, or a version folder), e.g. to get the int8
-model's accuracy on a whole split. The class names come from the export itself, the data
+--model may also be an exported model (what app.export writes): a SavedModel (its base path
+`export/saved_model`, or a version folder), a `.tflite` file or `model.onnx`, e.g. to get the
+int8 model's accuracy on a whole split. The class names come from the export itself, the data
 flags from the training run of the model it was exported from (its report.json names it), and
 the files, named after the format (`eval_validation_int8.json`), go into the export folder.
 
@@ -25,6 +25,7 @@ Usage:
     python -m app.evaluate --model=runs/cpu_quick/best.keras
     python -m app.evaluate --model=runs/cpu_quick/export/model_int8.tflite
     python -m app.evaluate --model=runs/cpu_quick/export/saved_model --split=validation
+    python -m app.evaluate --model=runs/cpu_quick/export/model.onnx
     python -m app.evaluate --model=runs/cpu_quick/best.keras --split=validation --flip
     python -m app.evaluate --model=runs/cpu_quick/best.keras --data_dir=~/data/cifar10 \\
         --split=validation --eval_limit=1000 --output_dir=/tmp/eval
@@ -53,7 +54,7 @@ def define_flags() -> None:
         "model",
         None,
         "The .keras model (labels.txt and preprocessing.json beside it), or an exported "
-        "model: a .tflite file or a SavedModel folder (base path or version).",
+        "model: a SavedModel folder (base path or version), a .tflite file or model.onnx.",
     )
     _SPLIT = flags.DEFINE_enum(
         "split",
@@ -86,7 +87,7 @@ def define_flags() -> None:
 def data_config(model_path: str) -> DataConfig:
     """The `DataConfig` of the command line, with unset data flags and --seed taken from
     the training run's flags.txt beside the model (or beside the model it was exported from)."""
-    trained = data_flags.training_run_flags(evaluate_lib.training_model(model_path))
+    trained = data_flags.training_run_flags(evaluate_lib.source_model_path(model_path))
     seed = _SEED.value if _SEED.value is not None else trained.get("seed", 0)
     return data_flags.data_config_from_flags(seed, inherit=trained)
 

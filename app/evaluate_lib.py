@@ -1,16 +1,18 @@
-"""Evaluation of a trained model on one split: metrics, per-class accuracy, pictures.
+"""Evaluation of a trained model of any format on one split: metrics, per-class accuracy,
+pictures.
 
-`evaluate(EvalConfig)` is what `python -m app.evaluate` runs: load the model and the data,
-refuse data with other classes, run the model over the split, print the metrics and write
-`eval_<split>.json`, `confusion_<split>.png` and `predictions_<split>.png`. Its steps are
-pure functions over plain arguments (a Keras model, a `tf.data` dataset, arrays); the
-metrics are `app.metrics`.
+`evaluate(EvalConfig)` is what `python -m app.evaluate` runs: load the model (any format
+`app.inference` loads: `.keras`, a SavedModel, a `.tflite`, `model.onnx`) and the data,
+refuse data with other classes, run the model over the split (`run_over`: one loop for every
+format, fed a batch at a time by the predictor's own input pipeline), print the metrics and
+write `eval_<split>.json`, `confusion_<split>.png` and `predictions_<split>.png`. The metrics
+are `app.metrics`.
 
-The model may be any exported format too: a `.tflite` file or a SavedModel (base path or
-version folder), run through `app.inference` on the images as stored (the
-SavedModel resizes inside its graph; a `.tflite` gets them resized as `app.predict` does), with
-the class names from the export itself. The files are then named after the format
-(`eval_<split>_int8.json`, ...) and go into the export folder.
+A Keras model is fed by the `tf.data` pipeline and scored by its logits; an exported model
+takes the images as stored (the SavedModel resizes inside its graph; a `.tflite` gets them
+resized as `app.predict` does) and is scored by its probabilities, with the class names from
+the export itself. Its files are named after the format (`eval_<split>_int8.json`, ...) and
+go into the export folder.
 
 Example:
 
@@ -23,22 +25,20 @@ Example:
     result, paths = evaluate_lib.evaluate(config)
     print(result.top1, paths["json"])
 
-Or step by step:
+Or step by step, for any format:
 
-    from models.bundle import load_model_bundle
-    bundle = load_model_bundle("runs/cpu_quick/best.keras")
-    splits = data.load(data.DataConfig(data_dir="~/data/cifar10"))
-    evaluate_lib.check_class_names(bundle.class_names, splits.class_names, "the data")
-    name, examples, note = evaluate_lib.choose_split(splits, "validation")
-    ds = data.eval_dataset(examples, bundle.preprocessing, 128)
-    logits, labels, samples = evaluate_lib.predict_logits(bundle.model, ds, [0, 1, 2])
-    result = evaluate_lib.compute_metrics(logits, labels, bundle.class_names, name)
-    print(evaluate_lib.format_report(result))
-
-    # an exported model: probabilities, not logits
     from app import inference
     predictor = inference.load_predictor("runs/cpu_quick/export/model_int8.tflite")
-    probabilities, labels, samples = evaluate_lib.predict_probabilities(predictor, examples)
+    splits = data.load(data.DataConfig(data_dir="~/data/cifar10"))
+    evaluate_lib.check_class_names(predictor.class_names, splits.class_names, "the data")
+    name, examples, note = evaluate_lib.choose_split(splits, "validation")
+    scores, labels, kept = evaluate_lib.run_over(
+        predictor, predictor.batches(examples, 128), keep=[0, 1, 2]
+    )
+    result = evaluate_lib.compute_metrics(
+        scores, labels, predictor.class_names, name, from_logits=predictor.scores_are_logits
+    )
+    print(evaluate_lib.format_report(result))
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app import data
 from app.data import SPLITS
+from app.inference import KERAS_SUFFIX, Predictor, export_folder, load_predictor
 from app.metrics import EvalResult, compute_metrics, format_report
 from common.errors import UsageError
 from common.files import write_text_atomic
@@ -63,8 +65,6 @@ if TYPE_CHECKING:
 # The reference tutorial's prediction figure: 2 rows of 3 images.
 GRID_IMAGES = 6
 GRID_COLS = 3
-# The figure's image size for a model that does not state its input size.
-DISPLAY_SIZE = 64
 
 
 def check_class_names(model_classes: Sequence[str], data_classes: Sequence[str], where: str):
@@ -127,116 +127,59 @@ def sample_indices(num_examples: int, n: int = GRID_IMAGES) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, num_examples - 1, min(n, num_examples)).round()})
 
 
-def predict_logits(
-    model,
-    dataset,
+def run_over(
+    predictor: Predictor,
+    batches: Iterable[tuple[Any, Any]],
     keep: Sequence[int] = (),
     verbose: int = 1,
     total: int | None = None,
     flip: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """Runs `model` over a finite `(images, labels)` dataset in one pass.
+    """Runs `predictor` over a split's batches in one pass (the one evaluation loop).
 
     Args:
-        model: a Keras model returning logits.
-        dataset: finite, in-order batches of (normalised images, int labels).
-        keep: example indices whose (normalised) input images to return.
+        predictor: a model of any format (`app.inference`).
+        batches: `(inputs, labels)` in order, in the predictor's input form
+            (`predictor.batches(examples, batch_size)`); consumed as they come, so the split
+            may be streamed.
+        keep: example indices whose images to return, for the prediction picture.
         verbose: 1 shows a Keras progress bar.
         total: number of examples, for the progress bar.
-        flip: test-time augmentation: the mean of the logits of each image and its mirror.
+        flip: test-time augmentation: the mean of the scores of each image and its mirror.
 
     Returns:
-        (float32 logits [n, classes], int64 labels [n], {index: normalised image}).
+        (float32 scores [n, classes]: logits when `predictor.scores_are_logits`, else
+        probabilities; int64 labels [n]; {index: float 0..255 RGB image at the model's size}).
+
+    Raises:
+        UsageError: the split holds no examples.
     """
     import keras
 
     wanted = set(keep)
-    logits, labels, kept = [], [], {}
+    scores, labels, kept = [], [], {}
     progress = keras.utils.Progbar(total, verbose=verbose, unit_name="image")
     seen = 0
-    for images, batch_labels in dataset:
-        # predict_on_batch runs the compiled predict function (no per-batch retracing).
-        batch_logits = np.asarray(model.predict_on_batch(images), np.float32)
+    for inputs, batch_labels in batches:
+        batch_scores = predictor.scores(inputs)
         if flip:
-            mirrored = np.asarray(model.predict_on_batch(images[:, :, ::-1]), np.float32)
-            batch_logits = (batch_logits + mirrored) / 2
-        logits.append(batch_logits)
+            batch_scores = (batch_scores + predictor.scores(predictor.mirror(inputs))) / 2
+        scores.append(batch_scores)
         labels.append(np.asarray(batch_labels, np.int64))
-        for i in wanted.intersection(range(seen, seen + len(batch_labels))):
-            kept[i] = np.asarray(images[i - seen])
-        seen += len(batch_labels)
+        for i in wanted.intersection(range(seen, seen + len(batch_scores))):
+            kept[i] = predictor.figure_image(inputs, i - seen)
+        seen += len(batch_scores)
         progress.update(seen)
     if verbose:
         progress.update(seen, finalize=True)
-    if not logits:
+    if not scores:
         raise UsageError("the split to evaluate holds no examples")
-    return np.concatenate(logits), np.concatenate(labels), kept
+    return np.concatenate(scores).astype(np.float32), np.concatenate(labels), kept
 
 
-def stored_batches(examples, batch_size: int):
-    """Yields (uint8 RGB images as stored, int64 labels) in order, `batch_size` at a time;
-    files and encoded bytes are decoded here, sizes may differ."""
-    import tensorflow as tf
-
-    from app.data.decode import decode_image
-
-    for start in range(0, examples.num_examples, batch_size):
-        stop = min(start + batch_size, examples.num_examples)
-        if examples.images is not None:
-            images = list(examples.images[start:stop])
-        elif examples.files is not None:
-            images = [decode_image(tf.io.read_file(f)).numpy() for f in examples.files[start:stop]]
-        else:
-            images = [decode_image(e).numpy() for e in examples.encoded[start:stop]]
-        yield images, np.asarray(examples.labels[start:stop], np.int64)
-
-
-def predict_probabilities(
-    predictor,
-    examples,
-    keep: Sequence[int] = (),
-    verbose: int = 1,
-    batch_size: int = 128,
-    flip: bool = False,
-) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """Runs an `app.inference.Predictor` (any format) over a split's stored images;
-    with `flip`, the mean of the probabilities of each image and its mirror.
-
-    Returns:
-        (float32 probabilities [n, classes], int64 labels [n], {index: float 0..255 image
-        at the model's input size, or `DISPLAY_SIZE` when the model does not say}).
-    """
-    import keras
-
-    from models.preprocessing import resize
-
-    wanted = set(keep)
-    probabilities, labels, kept = [], [], {}
-    progress = keras.utils.Progbar(examples.num_examples, verbose=verbose, unit_name="image")
-    seen = 0
-    for images, batch_labels in stored_batches(examples, batch_size):
-        batch_probabilities = predictor.predict(images)
-        if flip:
-            mirrored = predictor.predict([image[:, ::-1] for image in images])
-            batch_probabilities = (batch_probabilities + mirrored) / 2
-        probabilities.append(batch_probabilities)
-        labels.append(batch_labels)
-        for i in wanted.intersection(range(seen, seen + len(images))):
-            size = predictor.image_size or DISPLAY_SIZE
-            kept[i] = keras.ops.convert_to_numpy(resize(images[i - seen], size))
-        seen += len(images)
-        progress.update(seen)
-    if verbose:
-        progress.update(seen, finalize=True)
-    if not probabilities:
-        raise UsageError("the split to evaluate holds no examples")
-    return np.concatenate(probabilities), np.concatenate(labels), kept
-
-
-def training_model(path: str) -> str:
+def source_model_path(path: str) -> str:
     """The `.keras` model an exported model came from (the export's report.json says),
     so its training run's flags.txt gives the data to evaluate on; `path` itself otherwise."""
-    from app.inference import KERAS_SUFFIX, export_folder
 
     if path.endswith(KERAS_SUFFIX) or not os.path.exists(path):
         return path
@@ -332,59 +275,42 @@ def evaluate(config: EvalConfig) -> tuple[EvalResult, dict[str, str]]:
             empty split, or an output folder that cannot be written.
         app.data.DataError: the data cannot be read.
     """
-    from app import data, inference
-    from models.bundle import load_model_bundle
-
-    # A Keras model runs over the tf.data pipeline in batches; every other format through
-    # its predictor, on the images as stored (the same answers app.predict gives).
-    keras_model = config.model.endswith(inference.KERAS_SUFFIX)
-    if keras_model:
-        bundle = load_model_bundle(config.model)
-        class_names, folder = bundle.class_names, os.path.dirname(os.path.abspath(config.model))
-    else:
-        predictor = inference.load_predictor(config.model)
-        class_names, folder = predictor.class_names, predictor.folder
+    predictor = load_predictor(config.model)
     # Unless train is evaluated, load one training image only: the hold-out is chosen
     # before the limit, and decoding 45,000 unused images would cost most of the run.
     load_config = config.data
     if config.split != "train":
         load_config = dataclasses.replace(config.data, train_limit=1)
     splits = data.load(load_config)
-    check_class_names(class_names, splits.class_names, splits.train.origin)
+    check_class_names(predictor.class_names, splits.class_names, splits.train.origin)
     split, examples, note = choose_split(splits, config.split)
     if note:
         print(f"note: {note}", file=sys.stderr)
     keep = sample_indices(examples.num_examples)
-    if keras_model:
-        dataset = data.eval_dataset(examples, bundle.preprocessing, config.batch_size)
-        scores, labels, kept = predict_logits(
-            bundle.model,
-            dataset,
-            keep,
-            verbose=config.verbose,
-            total=examples.num_examples,
-            flip=config.flip,
-        )
-        figure = bundle.preprocessing.invert(np.stack([kept[i] for i in keep]))
-        model_format, tag = "keras", ""
-    else:
-        scores, labels, kept = predict_probabilities(
-            predictor, examples, keep, config.verbose, config.batch_size, flip=config.flip
-        )
-        figure = np.stack([kept[i] for i in keep])
-        model_format, tag = predictor.name, f"_{predictor.name}"
+    scores, labels, kept = run_over(
+        predictor,
+        predictor.batches(examples, config.batch_size),
+        keep,
+        verbose=config.verbose,
+        total=examples.num_examples,
+        flip=config.flip,
+    )
+    # A Keras model's files keep their plain names; an exported one's name their format.
+    tag = "" if predictor.kind == "keras" else f"_{predictor.name}"
     if config.flip:  # beside, not over, the plain evaluation's files
         tag += "_flip"
-    result = compute_metrics(scores, labels, class_names, split, from_logits=keras_model)
+    result = compute_metrics(
+        scores, labels, predictor.class_names, split, from_logits=predictor.scores_are_logits
+    )
     paths = write_outputs(
         result,
-        config.output_dir or folder,
-        images=figure,
+        config.output_dir or predictor.folder,
+        images=np.stack([kept[i] for i in keep]),
         labels=[labels[i] for i in keep],
         predictions=[int(scores[i].argmax()) for i in keep],
         extra={
             "model": os.path.abspath(config.model),
-            "format": model_format,
+            "format": predictor.name,
             "requested_split": config.split,
             "test_time_flip": config.flip,
             "data_source": splits.source,

@@ -85,6 +85,7 @@ def define_flags() -> None:
     )
     flags.mark_flag_as_required("model")
     data_flags.define_max_pixels_flag()
+    flags.declare_key_flag("max_pixels")  # listed by --help
 
 
 def main(argv: list[str]) -> None:
@@ -103,7 +104,7 @@ def main(argv: list[str]) -> None:
             num_evaluation=_NUM_EVALUATION.value,
             author=_AUTHOR.value,
             version=_MODEL_VERSION.value,
-            max_pixels=flags.FLAGS["max_pixels"].value,
+            max_pixels=data_flags.max_pixels_from_flags(),
         )
     )
 

@@ -1,9 +1,17 @@
-"""Loaded models that map decoded images to class probabilities, one class per format.
+"""Loaded models that map images to class scores, one class per format.
 
 `load_predictor` picks the class from the path: a `.keras` file (labels.txt and
 preprocessing.json beside it), a SavedModel (base path or version folder), a `.tflite` or a
-`.onnx` file. Every predictor takes uint8 RGB images of any size and resizes them with
-`models.preprocessing.resize`, the one resize of the project.
+`.onnx` file. Two uses:
+
+- `predict`: uint8 RGB images of any size -> probabilities (what `app.predict` answers). Every
+  format resizes with `models.preprocessing.resize`, the one resize of the project.
+- the evaluation loop (`app.evaluate_lib.run_over`): `batches` streams a split in the input
+  form the format takes, `scores` scores one batch, `mirror` flips it for test-time
+  augmentation, `figure_image` gives back an example's pixels for the prediction picture. A
+  Keras model is fed by the `tf.data` pipeline (`app.data.eval_dataset`, normalised in the
+  pipeline) and scores logits; the exported formats take the images as stored and return
+  probabilities, as a server or a phone would.
 
 Example:
 
@@ -16,12 +24,14 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
+from app import data
 from common.errors import UsageError
-from models.bundle import LABELS_FILE, load_model_bundle, read_labels
+from models.bundle import LABELS_FILE, ModelBundle, load_model_bundle, read_labels
 from models.preprocessing import FILENAME as PREPROCESSING_FILE
 from models.preprocessing import Preprocessing, resize
 
@@ -30,6 +40,8 @@ TFLITE_SUFFIX = ".tflite"
 ONNX_SUFFIX = ".onnx"
 # Images per model call: bounds memory for long file lists.
 BATCH = 64
+# The prediction picture's image size for a model that does not state its input size.
+DISPLAY_SIZE = 64
 
 
 def _resized(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
@@ -59,24 +71,63 @@ class Predictor:
     class_names: list[str]
     image_size: int | None = None
 
+    # What `scores` returns: probabilities, or logits (a Keras model's head).
+    scores_are_logits: bool = False
+
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 RGB images `[h, w, 3]` of any sizes -> float32 probabilities `[n, classes]`."""
         raise NotImplementedError
 
+    def batches(self, examples: data.Examples, batch_size: int) -> Iterator[tuple[Any, np.ndarray]]:
+        """The split in order, a batch at a time, as (inputs `scores` takes, int labels):
+        here the images as stored (decoded a batch at a time)."""
+        return data.stored_batches(examples, batch_size)
+
+    def scores(self, inputs: Any) -> np.ndarray:
+        """float32 `[n, classes]` scores of one batch of `batches`' inputs."""
+        return self.predict(inputs)
+
+    def mirror(self, inputs: Any) -> Any:
+        """The batch's images mirrored left to right (test-time augmentation)."""
+        return [image[:, ::-1] for image in inputs]
+
+    def figure_image(self, inputs: Any, index: int) -> np.ndarray:
+        """Float 0..255 RGB pixels of image `index` of the batch, at the model's input size
+        (`DISPLAY_SIZE` when the model does not say), for the prediction picture."""
+        import keras
+
+        return keras.ops.convert_to_numpy(resize(inputs[index], self.image_size or DISPLAY_SIZE))
+
 
 class KerasPredictor(Predictor):
-    """A `.keras` model (logits head) with its `labels.txt` and `preprocessing.json`."""
+    """A `.keras` model (logits head) with its `labels.txt` and `preprocessing.json`.
+
+    Evaluated over the `tf.data` pipeline: batches of normalised images, logits out.
+    """
 
     kind = name = "keras"
+    scores_are_logits = True
 
-    def __init__(self, path: str):
-        bundle = load_model_bundle(path)
-        self.path = path
-        self.folder = os.path.dirname(os.path.abspath(path))
+    def __init__(self, bundle: ModelBundle):
+        self.path = bundle.path
+        self.folder = os.path.dirname(os.path.abspath(bundle.path))
         self.model = bundle.model
         self.class_names = bundle.class_names
         self.preprocessing = bundle.preprocessing
         self.image_size = bundle.preprocessing.image_size
+
+    def batches(self, examples: data.Examples, batch_size: int) -> Iterator[tuple[Any, np.ndarray]]:
+        return iter(data.eval_dataset(examples, self.preprocessing, batch_size))
+
+    def scores(self, inputs: Any) -> np.ndarray:
+        # predict_on_batch runs the compiled predict function (no per-batch retracing).
+        return np.asarray(self.model.predict_on_batch(inputs), np.float32)
+
+    def mirror(self, inputs: Any) -> Any:
+        return inputs[:, :, ::-1]
+
+    def figure_image(self, inputs: Any, index: int) -> np.ndarray:
+        return self.preprocessing.invert(np.asarray(inputs[index]))
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         import keras
@@ -272,7 +323,7 @@ def load_predictor(path: str) -> Predictor:
         UsageError: the path is missing, of no known format, broken, or lacks its labels.
     """
     if path.endswith(KERAS_SUFFIX):
-        return KerasPredictor(path)
+        return KerasPredictor(load_model_bundle(path))
     if path.endswith(TFLITE_SUFFIX):
         return TFLitePredictor(path)
     if path.endswith(ONNX_SUFFIX):

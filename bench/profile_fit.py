@@ -1,9 +1,10 @@
 """Where the time of `app.train`'s `fit` goes, next to the same model's bare training step.
 
 Runs the recipe as `app.train` does (augmented tf.data input, validation every epoch,
-checkpoint, records, backups, summaries), with one more callback that stamps every batch,
-validation and epoch end. Then, in the same process, the very model `fit` trained (same
-compiled step, optimizer, precision and batch) is fitted on a few of the real batches
+checkpoint, records, backups, summaries), with one more callback (`training.train`'s
+`callbacks`) that stamps every batch, validation and epoch end. Then, in the same process,
+the very model `fit` trained (same compiled step, optimizer, precision and batch; the
+`fit_model` and `train_dataset` of `train`'s result) is fitted on a few of the real batches
 cached in memory, with no callbacks and no validation: the step alone. Prints both rates and
 where the recipe's epoch went: steps, the gaps between them (callbacks, input), validation
 and the epoch-end work. With `--trace_dir`, a `tf.profiler` trace of `--trace_steps` steps of
@@ -93,33 +94,6 @@ class Timeline:
         if self._tracing:
             tf.profiler.experimental.stop()
             self._tracing, self._trace_epoch = False, None
-
-
-def _capture(config):
-    """Hooks into `app.training`: the Timeline callback joins every fit, and the model
-    `fit` trains and its training dataset are kept for the bare-step measurement."""
-    from app.training import loop, run
-
-    kept: dict = {}
-    timeline = Timeline(trace_epoch=config.epochs - 1 if _TRACE_DIR.value else None)
-    plain_callbacks, plain_train_data = run.Run.callbacks, run.Run.train_data
-    plain_training_model = loop.training_model
-
-    def callbacks(self, saved_model):
-        found, records = plain_callbacks(self, saved_model)
-        return [*found, timeline.callback], records
-
-    def train_data(self):
-        kept["dataset"] = plain_train_data(self)
-        return kept["dataset"]
-
-    def training_model(model, cfg):
-        kept["model"] = plain_training_model(model, cfg)
-        return kept["model"]
-
-    run.Run.callbacks, run.Run.train_data = callbacks, train_data
-    loop.training_model = training_model
-    return timeline, kept
 
 
 def _step_only(model, dataset, batch_size: int) -> float:
@@ -217,16 +191,21 @@ def op_table(trace_dir: str, top: int = 12) -> str:
 
 def main(argv: list[str]) -> None:
     from app import data_flags, training
+    from common.errors import UsageError
     from common.files import write_text_atomic
 
     cli.no_arguments(argv)
     config = train_program.config_from_flags()
     data_config = data_flags.data_config_from_flags(config.seed)
-    timeline, kept = _capture(config)
+    timeline = Timeline(trace_epoch=config.epochs - 1 if _TRACE_DIR.value else None)
     start = time.perf_counter()
-    training.train(config, data_config, train_program.flags_text())
+    result = training.train(
+        config, data_config, train_program.flags_text(), callbacks=[timeline.callback]
+    )
     total = time.perf_counter() - start
-    step_only = _step_only(kept["model"], kept["dataset"], config.batch_size)
+    if result.fit_model is None:
+        raise UsageError(f"{config.model_dir} holds a finished run: pass a new --model_dir")
+    step_only = _step_only(result.fit_model, result.train_dataset, config.batch_size)
     text = summarize(timeline, config, step_only, total)
     if _TRACE_DIR.value:
         text += "\n\n" + op_table(_TRACE_DIR.value)

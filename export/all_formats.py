@@ -213,11 +213,8 @@ def _report(
             )
     for fmt, path in written.items():
         log.info("measuring %s", fmt)
-        measure = {SAVED_MODEL: report.measure_saved_model, ONNX: report.measure_onnx}.get(
-            fmt, report.measure_tflite
-        )
         entry = {"format": fmt, "path": os.path.relpath(path, config.export_dir)}
-        entry.update(measure(path, pixels, reference, labels))
+        entry.update(report.measure(fmt, path, pixels, reference, labels))
         result["formats"].append(entry)
     float32 = next((e for e in result["formats"] if e["format"] == "float32"), None)
     for entry in result["formats"]:

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from common.files import write_text_atomic
-from export import graph, onnx, saved_model, tflite
+from export import ONNX, SAVED_MODEL, graph, onnx, saved_model, tflite
 from models.preprocessing import Preprocessing
 
 REPORT_JSON = "report.json"
@@ -84,39 +84,22 @@ def file_size(path: str) -> int:
     )
 
 
-def measure_tflite(
-    path: str,
+def measure_file(
+    classifier: tflite.TFLiteClassifier | onnx.ONNXClassifier,
     images: np.ndarray,
     reference: np.ndarray | None = None,
     labels: np.ndarray | None = None,
 ) -> dict:
-    """Size, batch-1 latency (LiteRT, XNNPACK, 2 threads) and agreement of a `.tflite`.
+    """Size, batch-1 latency and agreement of a single-file model run by its classifier
+    (`.tflite`: LiteRT with XNNPACK; `model.onnx`: ONNX Runtime on the CPU; 2 threads each).
 
     Without `reference` (no real images) only size and latency are measured.
     """
-    classifier = tflite.TFLiteClassifier(path, num_threads=tflite.NUM_THREADS)
     # A few unmeasured calls first: XNNPACK packs its weights on the first invoke.
     classifier.predict(images[:3])
     probabilities, seconds = classifier.predict_timed(images)
     return {
-        "size_bytes": file_size(path),
-        "latency": _latency(seconds),
-        **(agreement(reference, probabilities, labels) if reference is not None else {}),
-    }
-
-
-def measure_onnx(
-    path: str,
-    images: np.ndarray,
-    reference: np.ndarray | None = None,
-    labels: np.ndarray | None = None,
-) -> dict:
-    """Size, batch-1 latency (ONNX Runtime, CPU, 2 threads) and agreement of `model.onnx`."""
-    classifier = onnx.ONNXClassifier(path)
-    classifier.predict(images[:3])  # unmeasured first runs
-    probabilities, seconds = classifier.predict_timed(images)
-    return {
-        "size_bytes": file_size(path),
+        "size_bytes": file_size(classifier.path),
         "latency": _latency(seconds),
         **(agreement(reference, probabilities, labels) if reference is not None else {}),
     }
@@ -238,3 +221,17 @@ def write_report(export_dir: str, report: dict) -> tuple[str, str]:
     write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
     write_text_atomic(md_path, to_markdown(report))
     return json_path, md_path
+
+
+def measure(
+    fmt: str,
+    path: str,
+    images: np.ndarray,
+    reference: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+) -> dict:
+    """The figures of the exported format `fmt` (one of `export.FORMATS`) written at `path`."""
+    if fmt == SAVED_MODEL:
+        return measure_saved_model(path, images, reference, labels)
+    classifier = onnx.ONNXClassifier(path) if fmt == ONNX else tflite.TFLiteClassifier(path)
+    return measure_file(classifier, images, reference, labels)

@@ -1,11 +1,14 @@
 """The benchmark helpers count and compute what they claim (no timing is asserted here)."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
 
 from bench import bench_int8, common, train_cases, variants
 from common.errors import UsageError
+from tests.helpers import run_program
 
 
 def test_forward_flops_counts_conv_depthwise_and_dense_exactly():
@@ -159,3 +162,29 @@ def test_weights_rounded_to_int8_per_output_channel_and_nothing_else():
             step = np.abs(channel_old).max() / 127
             assert np.abs(channel_new - channel_old).max() <= step / 2 + 1e-7
             np.testing.assert_allclose(channel_new / step, np.round(channel_new / step), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_profile_fit_stamps_every_step_through_the_callbacks_of_train(tmp_path, cifar10_dir):
+    """bench.profile_fit adds its callback through `training.train(callbacks=...)` and takes
+    the fitted model and dataset from the result: no patching of the training library."""
+    model_dir = tmp_path / "run"
+    proc = run_program(
+        "bench.profile_fit",
+        "--flagfile=app/configs/cifar10_cpu_quick.flags",
+        f"--data_dir={cifar10_dir}",
+        f"--model_dir={model_dir}",
+        "--model=resnet18",
+        "--image_size=16",
+        "--train_limit=288",
+        "--eval_limit=64",
+        "--batch_size=32",
+        "--epochs=2",
+        "--step_only_steps=10",
+        "--mixed_precision=none",
+        "--verbose=0",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = json.loads((model_dir / "metrics.json").read_text())["steps_per_epoch"]
+    assert f"{steps} steps in epoch 2 of 2" in proc.stdout
+    assert "| the bare step (8 cached real batches, no callbacks) |" in proc.stdout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -272,3 +273,20 @@ def test_killed_three_times_then_finished_equals_never_killed(tmp_path, data_fla
     assert final_digest(result.stdout) == final_digest(reference_stdout), seed
     for a, b in zip(final_weights(model_dir), final_weights(reference_dir), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_killed_after_the_last_backup_finishes_with_the_trained_weights(
+    tmp_path, data_flag, reference
+):
+    """A kill between the last epoch's backup and the final records: the rerun has nothing
+    left to fit and reports the final weights of the backup, not freshly built ones."""
+    model_dir = tmp_path / "run"
+    shutil.copytree(reference[0], model_dir)
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    metrics["completed"] = False
+    (model_dir / "metrics.json").write_text(json.dumps(metrics))
+    result = run_train(model_dir, data_flag, *RECIPE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "holds this run, finished" not in result.stdout
+    assert final_digest(result.stdout) == final_digest(reference[1])
+    assert json.loads((model_dir / "metrics.json").read_text())["completed"]

@@ -170,23 +170,36 @@ def _asymmetric_model():
 
 
 def test_flip_averages_the_logits_of_each_image_and_its_mirror():
-    import tensorflow as tf
+    """A Keras model: the loop runs over the tf.data pipeline and averages logits."""
+    from app import inference
+    from models import preprocessing
+    from models.bundle import ModelBundle
 
     model = _asymmetric_model()
-    images = np.random.default_rng(0).uniform(size=(5, 4, 4, 3)).astype(np.float32)
-    labels = np.arange(5) % 3
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)
-    plain, _, _ = evaluate_lib.predict_logits(model, dataset, verbose=0)
-    flipped, seen, _ = evaluate_lib.predict_logits(model, dataset, verbose=0, flip=True)
-    mirror = model.predict(images[:, :, ::-1], verbose=0)
-    np.testing.assert_allclose(plain, model.predict(images, verbose=0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(flipped, (plain + mirror) / 2, rtol=1e-5, atol=1e-6)
+    prep = preprocessing.cifar(4)
+    predictor = inference.KerasPredictor(ModelBundle(model, ["a", "b", "c"], prep, "m.keras"))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(5, 4, 4, 3)).astype(np.uint8)
+    examples = data.Examples(images=images, labels=np.arange(5) % 3, origin="test")
+    plain, _, _ = evaluate_lib.run_over(predictor, predictor.batches(examples, 2), verbose=0)
+    flipped, seen, kept = evaluate_lib.run_over(
+        predictor, predictor.batches(examples, 2), keep=[1, 4], verbose=0, flip=True
+    )
+    normalised = np.asarray(prep(images.astype(np.float32)), np.float32)
+    mirror = model.predict(normalised[:, :, ::-1], verbose=0)
+    np.testing.assert_allclose(plain, model.predict(normalised, verbose=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(flipped, (plain + mirror) / 2, rtol=1e-5, atol=1e-5)
     assert not np.allclose(flipped, plain)
-    np.testing.assert_array_equal(seen, labels)
+    np.testing.assert_array_equal(seen, np.arange(5) % 3)
+    assert sorted(kept) == [1, 4]  # the picture's images, back in 0..255 pixels
+    np.testing.assert_allclose(kept[4], images[4], atol=1e-3)
 
 
 def test_flip_averages_the_probabilities_of_any_format():
-    class LeftColumn:
+    """An exported format: the loop feeds the images as stored and averages probabilities."""
+    from app import inference
+
+    class LeftColumn(inference.Predictor):
         """Probabilities from the mean of each image's left column (a mirror changes it)."""
 
         image_size = None
@@ -199,10 +212,13 @@ def test_flip_averages_the_probabilities_of_any_format():
     images = rng.integers(1, 255, size=(3, 4, 4, 3)).astype(np.uint8)
     examples = data.Examples(images=images, labels=np.zeros(3, np.int64), origin="test")
     predictor = LeftColumn()
-    flipped, _, _ = evaluate_lib.predict_probabilities(predictor, examples, verbose=0, flip=True)
+    flipped, _, kept = evaluate_lib.run_over(
+        predictor, predictor.batches(examples, 2), keep=[2], verbose=0, flip=True
+    )
     expected = (predictor.predict(list(images)) + predictor.predict(list(images[:, :, ::-1]))) / 2
     np.testing.assert_allclose(flipped, expected, rtol=1e-6)
     assert not np.allclose(flipped, predictor.predict(list(images)))
+    assert kept[2].shape == (inference.DISPLAY_SIZE, inference.DISPLAY_SIZE, 3)
 
 
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ real CIFAR-10 images) and what `python -m app.export` writes for it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -15,8 +16,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from app import data, export_lib, inference, predict_lib
+from app import data, evaluate_lib, export_lib, inference, predict_lib
 from common.errors import UsageError
+from export import TFLITE_FORMATS
 from models.bundle import read_labels
 from models.preprocessing import resize
 from tests.helpers import error_lines, require_cifar10, run_program
@@ -178,12 +180,11 @@ def test_predict_cli_bad_model_is_one_line(tmp_path, images_dir):
 
 @pytest.fixture(scope="module")
 def export_dir(model_dir) -> pathlib.Path:
-    """What app.export writes for the test model: SavedModel + float32 and int8 .tflite."""
+    """What app.export writes for the test model: every format."""
     directory = model_dir / "export"
     job = export_lib.ExportJob(
         model=str(model_dir / "best.keras"),
         export_dir=str(directory),
-        formats=("saved_model", "float32", "int8"),
         data=data.DataConfig(data_dir=str(require_cifar10()), seed=0),
         num_calibration=50,
         num_evaluation=0,
@@ -244,28 +245,36 @@ def test_predict_cli_takes_the_highest_saved_model_version(export_dir, images_di
 
 @pytest.mark.slow
 def test_evaluate_takes_every_exported_format(model_dir, export_dir, cifar10_dir, tmp_path):
-    """app.evaluate on the SavedModel and the float32 .tflite scores what Keras scores,
-    image for image; the class names come from the export."""
-    from app import evaluate_lib
+    """app.evaluate on each of the six exported formats scores that format's own answers,
+    image for image, with the class names from the export; the float formats score what
+    Keras scores."""
+    from export import FORMATS, tflite
+    from export.onnx import FILENAME as ONNX_FILE
 
     config = data.DataConfig(data_dir=str(cifar10_dir), eval_limit=60, seed=0)
+    validation = data.load(dataclasses.replace(config, train_limit=1)).validation
+    paths = {"keras": model_dir / "best.keras", "saved_model": export_dir / "saved_model"}
+    paths |= {fmt: export_dir / tflite.filename(fmt) for fmt in TFLITE_FORMATS}
+    paths["onnx"] = export_dir / ONNX_FILE
+    assert set(paths) == {"keras", *FORMATS}
     results = {}
-    for name, path in (
-        ("keras", model_dir / "best.keras"),
-        ("saved_model", export_dir / "saved_model"),
-        ("float32", export_dir / "model_float32.tflite"),
-    ):
+    for name, path in paths.items():
         run = evaluate_lib.EvalConfig(
             str(path), config, "validation", output_dir=str(tmp_path), verbose=0
         )
-        results[name], paths = evaluate_lib.evaluate(run)
+        results[name], written = evaluate_lib.evaluate(run)
         tag = "" if name == "keras" else f"_{name}"
-        assert paths["json"] == str(tmp_path / f"eval_validation{tag}.json")
-        assert json.loads(pathlib.Path(paths["json"]).read_text())["format"] == name
-    for name in ("saved_model", "float32"):
-        np.testing.assert_array_equal(results[name].confusion, results["keras"].confusion)
-        assert results[name].loss == pytest.approx(results["keras"].loss, abs=1e-4)
+        assert written["json"] == str(tmp_path / f"eval_validation{tag}.json")
+        assert json.loads(pathlib.Path(written["json"]).read_text())["format"] == name
         assert results[name].class_names == results["keras"].class_names
+        # Its own answers, computed here from the predictor on the stored images.
+        answers = inference.load_predictor(str(path)).predict(list(validation.images)).argmax(1)
+        own = np.zeros_like(results[name].confusion)
+        np.add.at(own, (validation.labels, answers), 1)
+        np.testing.assert_array_equal(results[name].confusion, own, err_msg=name)
+    for name in ("saved_model", "float32", "onnx"):
+        np.testing.assert_array_equal(results[name].confusion, results["keras"].confusion)
+        assert results[name].loss == pytest.approx(results["keras"].loss, abs=1e-4), name
 
 
 @pytest.mark.slow

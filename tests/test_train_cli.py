@@ -145,6 +145,7 @@ print(json.dumps(out))
         assert set(report[name]["missing"]) <= NOT_IN_RECIPES, (name, report[name])
 
 
+@pytest.mark.slow  # five processes, each importing TensorFlow
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

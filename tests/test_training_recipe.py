@@ -7,6 +7,7 @@ history.csv round-trips; a failed checkpoint write keeps the previous best.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
@@ -14,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 
-from app.training import callbacks, runtime
+from app.training import callbacks, runtime, workarounds
 from app.training.backup import (
     RunState,
     assign,
@@ -29,6 +30,7 @@ from app.training.config import (
     resolve_normalization,
     settings_fingerprint,
 )
+from app.training.plan import effective_steps_per_execution
 from app.training.recipe import (
     FusedSGD,
     lr_schedule,
@@ -36,7 +38,6 @@ from app.training.recipe import (
     make_optimizer,
     set_backbone_frozen,
 )
-from app.training.run import effective_steps_per_execution
 from common.errors import UsageError
 
 # --- settings ---------------------------------------------------------------------------
@@ -69,8 +70,26 @@ def test_check_config_names_the_bad_flag(changes, flag):
         check_config(config)
 
 
-def test_check_config_accepts_the_defaults():
-    check_config(TrainConfig(model_dir="x"))
+def test_check_config_holds_every_field_to_its_metadata():
+    """The choices and bounds in each field's metadata (what app.train's flags enforce) are
+    enforced for a TrainConfig built in code too, naming the flag and, for choices, the
+    allowed values as the metadata lists them; the defaults pass."""
+    assert check_config(TrainConfig(model_dir="x")) is None
+    checked = 0
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        bad = {}
+        if "choices" in meta:
+            bad["not-a-choice"] = ", ".join(meta["choices"])
+        if "lower_bound" in meta:
+            bad[meta["lower_bound"] - 1] = f">= {meta['lower_bound']}|in \\["
+        if "upper_bound" in meta:
+            bad[meta["upper_bound"] + 1] = f"{meta['upper_bound']}\\]"
+        for value, why in bad.items():
+            with pytest.raises(UsageError, match=f"--{field.name}={value} .*({why})"):
+                check_config(TrainConfig(model_dir="x", **{field.name: value}))
+            checked += 1
+    assert checked >= 15
 
 
 # /proc/cpuinfo excerpts: a Sapphire Rapids server (AMX), a Zen 4 (AVX512-BF16 only), a
@@ -197,10 +216,18 @@ def test_weight_decay_skips_batch_norm_and_bias():
     assert decayed == ["conv/kernel", "predictions/kernel"]
 
 
-def test_sgd_has_the_asked_momentum_and_nesterov():
-    model = _tiny_model()
-    optimizer = make_optimizer(0.1, 0.9, True, 0.0, model.trainable_variables)
-    assert optimizer.momentum == 0.9 and optimizer.nesterov and optimizer.weight_decay is None
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_steps_with_the_asked_momentum_and_nesterov(nesterov):
+    """Three steps against the update written out by hand: m = 0.9 m - lr g, then
+    w += m (heavy ball) or w += 0.9 m - lr g (Nesterov)."""
+    weight = keras.Variable(np.ones((2, 2), "float32"))
+    optimizer = make_optimizer(0.1, 0.9, nesterov, 0.0, [weight])
+    w, m = np.ones((2, 2)), np.zeros((2, 2))
+    for g in (0.5, -1.0, 2.0):
+        optimizer.apply_gradients([(np.full((2, 2), g, "float32"), weight)])
+        m = 0.9 * m - 0.1 * g
+        w = w + (0.9 * m - 0.1 * g if nesterov else m)
+        np.testing.assert_allclose(weight.numpy(), w, rtol=1e-6)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -325,7 +352,7 @@ def test_epoch_line_matches_the_tutorial_format():
 def test_checkpoint_failure_keeps_the_previous_best(tmp_path):
     model = _tiny_model()
     path = str(tmp_path / "best.keras")
-    checkpoint = callbacks.AtomicModelCheckpoint(
+    checkpoint = workarounds.AtomicModelCheckpoint(
         path, monitor="val_accuracy", mode="max", save_best_only=True
     )
     checkpoint.set_model(model)

@@ -14,7 +14,7 @@ Two layers:
 Modules: `types` (DataConfig, DataError, Examples, Splits), `loading` (`load`: which
 source), the sources `cifar_batches`, `image_folder` and `tfds_source`, `splits` (hold-out
 and limits), `decode` (decode once into memory), `augment`, `pipeline` (`train_dataset`,
-`eval_dataset`) and `samples` (`sample_images`).
+`eval_dataset`) and `samples` (`sample_images`, `stored_batches`).
 
 Example (from the repository root):
 
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from app.data.image_folder import IMAGE_EXTENSIONS
     from app.data.loading import load
     from app.data.pipeline import eval_dataset, steps_per_epoch, train_dataset
-    from app.data.samples import sample_images
+    from app.data.samples import sample_images, stored_batches
 
 # Imported on first use: these modules import TensorFlow, which users of DataConfig and
 # DataError alone (flag definitions, error reporting) should not pay for.
@@ -57,6 +57,7 @@ _LAZY = {
     "steps_per_epoch": "pipeline",
     "train_dataset": "pipeline",
     "sample_images": "samples",
+    "stored_batches": "samples",
     "size_note": "decode",
 }
 
@@ -88,5 +89,6 @@ __all__ = (
     "sample_images",
     "size_note",
     "steps_per_epoch",
+    "stored_batches",
     "train_dataset",
 )

@@ -16,8 +16,18 @@ from models.preprocessing import Preprocessing, resize
 
 
 def steps_per_epoch(examples: Examples, global_batch_size: int) -> int:
-    """Full global batches per epoch (the last partial batch is dropped in training)."""
-    return examples.num_examples // global_batch_size
+    """Full global batches per epoch (the last partial batch is dropped in training).
+
+    Raises:
+        DataError: fewer examples than one global batch.
+    """
+    steps = examples.num_examples // global_batch_size
+    if steps < 1:
+        raise DataError(
+            f"{examples.origin}: {examples.num_examples} training examples are fewer than one "
+            f"batch of {global_batch_size}; lower --batch_size or raise --train_limit"
+        )
+    return steps
 
 
 def _pipeline_layout(global_batch_size: int, input_context) -> tuple[int, int, int, int]:
@@ -80,11 +90,6 @@ def train_dataset(
         DataError: fewer examples than one global batch.
     """
     steps = steps_per_epoch(examples, global_batch_size)
-    if steps < 1:
-        raise DataError(
-            f"{examples.origin}: {examples.num_examples} training examples are fewer than one "
-            f"batch of {global_batch_size}; lower --batch_size or raise --train_limit"
-        )
     if not 0 <= start_step < steps or start_epoch < 0:
         raise ValueError(f"start_step {start_step} not in [0, {steps}) or start_epoch < 0")
     pipelines, pipeline_id, per_replica, _ = _pipeline_layout(global_batch_size, input_context)

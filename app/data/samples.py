@@ -1,6 +1,10 @@
-"""A few seeded examples as stored (uint8 RGB), for pictures of the data."""
+"""Examples as stored (uint8 RGB, each at its own size): a few seeded ones for pictures of
+the data, or a whole split in order, a batch at a time, for models that take images as
+stored (the exported formats)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -28,3 +32,22 @@ def sample_images(
     if len({im.shape for im in images}) == 1:
         return np.stack(images), picked.labels
     return images, picked.labels
+
+
+def stored_batches(examples: Examples, batch_size: int) -> Iterator[tuple[list, np.ndarray]]:
+    """Yields (uint8 RGB images as stored, int64 labels) in order, `batch_size` at a time;
+    files and encoded bytes are decoded a batch at a time, and sizes may differ."""
+    for start in range(0, examples.num_examples, batch_size):
+        stop = min(start + batch_size, examples.num_examples)
+        if examples.images is not None:
+            images = list(examples.images[start:stop])
+        elif examples.files is not None:
+            images = [
+                decode_image(tf.io.read_file(f), examples.max_pixels).numpy()
+                for f in examples.files[start:stop]
+            ]
+        else:
+            images = [
+                decode_image(e, examples.max_pixels).numpy() for e in examples.encoded[start:stop]
+            ]
+        yield images, np.asarray(examples.labels[start:stop], np.int64)

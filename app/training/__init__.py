@@ -25,7 +25,9 @@ Modules, one job each:
     callbacks    best checkpoint, history/metrics records, TensorBoard, mid-epoch backups.
     backup       where a run stands (RunState) and its backup file, for exact resumption.
     resume       a finished run to report, or an unfinished one to resume.
-    run          one run's sizes, datasets, callbacks and files.
+    plan         one run's sizes, schedule and `fit` calls (`RunPlan`).
+    inputs       the datasets `fit` is fed.
+    outputs      the files a run writes besides the records, and its result.
     workarounds  every use of private Keras/TF API, each with its reason and upstream issue.
     loop         `train()`: the outline, on one screen.
 """

@@ -21,8 +21,11 @@ import keras
 import numpy as np
 
 from app import plots
-from app.training.backup import RunState, save_backup
-from common.files import atomic_path, write_json, write_text_atomic
+from app.training.backup import RunState, backup_path, save_backup
+from app.training.config import BEST_FILE, LOGS_DIR
+from app.training.plan import RunPlan
+from app.training.workarounds import AtomicModelCheckpoint
+from common.files import write_json, write_text_atomic
 
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
@@ -30,26 +33,6 @@ CURVES_FILE = "curves.png"
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 # Written too when the logs have them (quantization-aware training, `--qat`).
 QAT_COLUMNS = ("int8_accuracy", "agreement", "val_int8_accuracy", "val_agreement")
-
-
-class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """`ModelCheckpoint` that never leaves a half-written file behind.
-
-    Keras writes straight to `filepath`, so a kill during the save leaves a broken
-    `best.keras`. This writes a temporary file beside it and `os.replace`s it into place.
-    Keras decides *whether* to save (`_should_save_model`, private but stable in the
-    pinned 3.15); only the writing is ours.
-    """
-
-    def __init__(self, filepath: str, saved_model: keras.Model | None = None, **kwargs):
-        """`saved_model`: the model to write when `fit` trains a wrapper around it (`--qat`)."""
-        super().__init__(filepath, **kwargs)
-        self.saved_model = saved_model
-
-    def _save_model(self, epoch, batch, logs):
-        if self._should_save_model(epoch, batch, logs, self.filepath):
-            with atomic_path(self.filepath, suffix=".keras") as tmp:
-                (self.saved_model or self.model).save(tmp, overwrite=True)
 
 
 def format_epoch_line(epoch: int, epochs: int, logs: Mapping[str, float]) -> str:
@@ -302,3 +285,41 @@ class MidEpochBackup(keras.callbacks.Callback):
                 "metrics": model.metrics_variables,
             },
         )
+
+
+def run_callbacks(
+    plan: RunPlan,
+    out_dir: str,
+    saved_model: keras.Model,
+    summary: Callable[[RunState, bool], dict[str, Any]],
+    prefix: str = "",
+) -> tuple[list[keras.callbacks.Callback], RunRecords]:
+    """The callbacks of every `fit` of a run, in the order they must run at an epoch end
+    (checkpoint, records, backup), and the records (written once more at the end).
+
+    Args:
+        plan: the run; its `state` is shared by every callback.
+        out_dir: where this worker writes.
+        saved_model: what `best.keras` holds (`fit` may train a wrapper around it).
+        summary: metrics.json's document from the state (`outputs.summary`).
+        prefix: put before printed lines (a non-chief worker's name).
+    """
+    c, state = plan.config, plan.state
+    clock = TrainingClock(state)
+    checkpoint = AtomicModelCheckpoint(
+        os.path.join(out_dir, BEST_FILE),
+        saved_model=saved_model,
+        monitor="val_accuracy",
+        mode="max",
+        save_best_only=True,
+        initial_value_threshold=state.best,
+    )
+    records = RunRecords(
+        state, out_dir, c.epochs, summary, print_lines=c.verbose == 0, prefix=prefix
+    )
+    backups = MidEpochBackup(
+        state, backup_path(out_dir), plan.backup_every, plan.steps_per_epoch, clock
+    )
+    summaries = EpochSummaries(os.path.join(out_dir, LOGS_DIR))
+    records.write(completed=False)  # a resumed run drops rows of epochs it redoes
+    return [clock, checkpoint, records, backups, summaries], records

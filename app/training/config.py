@@ -232,6 +232,11 @@ class TrainResult:
     is_chief: bool = True
     worker: str = "worker"
     resumed_from: tuple[int, int] | None = None  # (epoch, step) of the backup used
+    # What `fit` trained in this process, for callers that measure it (`bench.profile_fit`):
+    # the model (with `--qat`, the float model and its int8 twin) and the training dataset
+    # of the last `fit`. None when the run had finished before this call.
+    fit_model: Any = dataclasses.field(default=None, repr=False, compare=False)
+    train_dataset: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def final_line(self) -> str:
         return (
@@ -240,65 +245,56 @@ class TrainResult:
         )
 
 
+def _bad(flag: str, value: Any, why: str) -> UsageError:
+    return UsageError(f"--{flag}={value} {why}")
+
+
+def _check_field(field: dataclasses.Field, value: Any) -> None:
+    """The rules a field's metadata states (the same its flag enforces): `choices`,
+    `lower_bound`, `upper_bound`."""
+    meta = field.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise _bad(field.name, value, f"is not one of {', '.join(meta['choices'])}")
+    low, high = meta.get("lower_bound"), meta.get("upper_bound")
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise _bad(field.name, value, f"must be {span}")
+
+
 def check_config(config: TrainConfig) -> None:
-    """Raises UsageError, naming the flag, for any value that cannot work."""
+    """Raises UsageError, naming the flag, for any value that cannot work.
 
-    def bad(flag: str, value: Any, why: str) -> UsageError:
-        return UsageError(f"--{flag}={value} {why}")
-
-    if config.model not in resnet.ARCHITECTURES:
-        raise bad("model", config.model, f"is unknown; choose one of {resnet.ARCHITECTURES}")
-    if config.stem not in STEMS:
-        raise bad("stem", config.stem, "is unknown; choose imagenet, cifar or cifar_pool")
-    if config.stride_on not in STRIDES:
-        raise bad("stride_on", config.stride_on, "is unknown; choose auto, 1x1 or 3x3")
-    if config.strategy not in STRATEGIES:
-        raise bad("strategy", config.strategy, f"is unknown; choose one of {STRATEGIES}")
-    if config.mixed_precision not in (AUTO_PRECISION, *PRECISIONS):
-        raise bad(
-            "mixed_precision",
-            config.mixed_precision,
-            f"must be one of {[AUTO_PRECISION, *PRECISIONS]}",
-        )
-    if config.normalization not in NORMALIZATIONS:
-        raise bad("normalization", config.normalization, "must be auto, cifar or imagenet")
-    positive = {
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "image_size": config.image_size,
-        "steps_per_execution": config.steps_per_execution,
-        "collective_timeout": config.collective_timeout,
-        "heartbeat_timeout": config.heartbeat_timeout,
-    }
-    for flag, value in positive.items():
-        if not value > 0:
-            raise bad(flag, value, "must be positive")
+    Every field is checked against its metadata first (what `app.train`'s flags enforce, so a
+    `TrainConfig` built in code is held to the same rules); then the rules between fields.
+    """
+    for field in dataclasses.fields(config):
+        _check_field(field, getattr(config, field.name))
+    for flag in ("collective_timeout", "heartbeat_timeout"):
+        if not getattr(config, flag) > 0:
+            raise _bad(flag, getattr(config, flag), "must be positive")
     if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise bad("lr", config.lr, "must be a positive learning rate, e.g. 0.1")
+        raise _bad("lr", config.lr, "must be a positive learning rate, e.g. 0.1")
     if not 0 <= config.min_lr <= config.lr:
-        raise bad("min_lr", config.min_lr, f"must be in [0, --lr={config.lr}]")
+        raise _bad("min_lr", config.min_lr, f"must be in [0, --lr={config.lr}]")
     if not 0 <= config.warmup_epochs < config.epochs:
-        raise bad("warmup_epochs", config.warmup_epochs, f"must be in [0, {config.epochs})")
+        raise _bad("warmup_epochs", config.warmup_epochs, f"must be in [0, {config.epochs})")
     if not 0 <= config.momentum < 1:
-        raise bad("momentum", config.momentum, "must be in [0, 1)")
+        raise _bad("momentum", config.momentum, "must be in [0, 1)")
     if config.nesterov and config.momentum == 0:
-        raise bad("nesterov", True, "needs --momentum > 0")
+        raise _bad("nesterov", True, "needs --momentum > 0")
     for flag in ("weight_decay", "label_smoothing", "dropout"):
         if not 0 <= getattr(config, flag) < 1:
-            raise bad(flag, getattr(config, flag), "must be in [0, 1)")
-    if not 0 <= config.freeze_backbone_epochs < config.epochs:
-        raise bad(
+            raise _bad(flag, getattr(config, flag), "must be in [0, 1)")
+    if config.freeze_backbone_epochs >= config.epochs:
+        raise _bad(
             "freeze_backbone_epochs",
             config.freeze_backbone_epochs,
             f"must be in [0, --epochs={config.epochs})",
         )
     if config.freeze_backbone_epochs and config.pretrained == PRETRAINED_NONE:
-        raise bad("freeze_backbone_epochs", config.freeze_backbone_epochs, "needs --pretrained")
-    _check_qat(config, bad)
-    for flag in ("backup_every_steps", "logical_cpus", "intra_op_threads", "inter_op_threads"):
-        if getattr(config, flag) < 0:
-            raise bad(flag, getattr(config, flag), "must be >= 0")
-    _check_pretrained(config, bad)
+        raise _bad("freeze_backbone_epochs", config.freeze_backbone_epochs, "needs --pretrained")
+    _check_qat(config)
+    _check_pretrained(config)
     if config.strategy == "multi_worker_mirrored" and not os.environ.get("TF_CONFIG"):
         raise UsageError(
             "--strategy=multi_worker_mirrored needs the TF_CONFIG environment variable "
@@ -307,28 +303,28 @@ def check_config(config: TrainConfig) -> None:
         )
 
 
-def _check_qat(config: TrainConfig, bad) -> None:
+def _check_qat(config: TrainConfig) -> None:
     if config.qat:
         if config.pretrained in (PRETRAINED_NONE, PRETRAINED_IMAGENET):
-            raise bad(
+            raise _bad(
                 "qat",
                 True,
                 "fine-tunes a model trained on your classes: pass --pretrained=RUN/best.keras",
             )
         if config.mixed_precision not in ("none", AUTO_PRECISION):
-            raise bad(
+            raise _bad(
                 "qat",
                 True,
                 f"rounds activations as int8 does, in float32: pass --mixed_precision=none, "
                 f"not {config.mixed_precision}",
             )
     if not (config.qat_weight >= 0 and math.isfinite(config.qat_weight)):
-        raise bad("qat_weight", config.qat_weight, "must be >= 0")
+        raise _bad("qat_weight", config.qat_weight, "must be >= 0")
 
 
-def _check_pretrained(config: TrainConfig, bad) -> None:
+def _check_pretrained(config: TrainConfig) -> None:
     if config.pretrained == PRETRAINED_IMAGENET and config.model in ("resnet18", "resnet34"):
-        raise bad(
+        raise _bad(
             "pretrained",
             "imagenet",
             f"has no weights for {config.model}: Keras Applications has ImageNet weights for "
@@ -337,7 +333,7 @@ def _check_pretrained(config: TrainConfig, bad) -> None:
     if config.pretrained not in (PRETRAINED_NONE, PRETRAINED_IMAGENET) and not os.path.isfile(
         config.pretrained
     ):
-        raise bad("pretrained", config.pretrained, "is not a file; pass none, imagenet or a path")
+        raise _bad("pretrained", config.pretrained, "is not a file; pass none, imagenet or a path")
 
 
 def resolve_normalization(normalization: str, pretrained: str) -> str:

@@ -150,7 +150,7 @@ class FusedSGD(keras.optimizers.SGD):
             or isinstance(gradient, tf.IndexedSlices)
         ):
             return super().update_step(gradient, variable, learning_rate)
-        accumulator = self.momentums[self._get_variable_index(variable)]
+        accumulator = workarounds.optimizer_slot(self, self.momentums, variable)
         if isinstance(variable, keras.Variable):
             variable = variable.value
         tf.raw_ops.ResourceApplyKerasMomentum(

@@ -104,6 +104,13 @@ def restore_phase(
     state.optimizer_phase = phase
 
 
+def restore_weights(model: keras.Model, backup: Backup) -> None:
+    """Every model variable from `backup` (a run killed after the backup of its last epoch,
+    before its final records: nothing is left to fit, but the final weights are the
+    backup's)."""
+    assign(model.variables, backup.arrays["model"], "model", backup.path)
+
+
 def epoch_metrics_restorer(backup: Backup | None, state: RunState) -> callbacks.RestoreEpochMetrics:
     """The callback that puts back a half-done epoch's metric sums (a no-op otherwise)."""
     values = backup.arrays.get("metrics") if backup is not None and state.step else None

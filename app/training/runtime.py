@@ -202,10 +202,9 @@ def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
     """Whether `strategy` spans several worker processes."""
     import tensorflow as tf
 
-    return (
-        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and strategy.extended._in_multi_worker_mode()
-    )
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and workarounds.in_multi_worker_mode(strategy)
 
 
 def is_distributed(strategy: tf.distribute.Strategy) -> bool:

@@ -8,11 +8,12 @@ whether they are still needed).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import keras
 
 from common.errors import UsageError
+from common.files import atomic_path
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -119,3 +120,44 @@ def work_around_keras_multi_worker(
 
     model.train_step = lambda data: as_vectors(train_step(data))
     model.test_step = lambda data: as_vectors(test_step(data))
+
+
+def in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
+    """Whether a `MultiWorkerMirroredStrategy` spans several worker processes.
+
+    TF 2.21 says so only through the private `extended._in_multi_worker_mode()` (a one-worker
+    TF_CONFIG makes the same class run locally). Upstream: no issue found (searched
+    2026-12-07).
+    """
+    return strategy.extended._in_multi_worker_mode()
+
+
+def optimizer_slot(optimizer: keras.optimizers.Optimizer, slots: list, variable) -> Any:
+    """The slot variable (momentum, ...) of `variable` among an optimizer's `slots`.
+
+    Keras 3.15's optimizers find it with the private `_get_variable_index`, which an
+    optimizer subclass with its own update (`recipe.FusedSGD`) has to call too. Upstream: no
+    issue found (searched 2026-12-07).
+    """
+    return slots[optimizer._get_variable_index(variable)]
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """`ModelCheckpoint` that never leaves a half-written file behind.
+
+    Keras 3.15 writes straight to `filepath`, so a kill during the save leaves a broken
+    `best.keras`. This overrides the private `_save_model` to write a temporary file beside
+    it and move it into place; Keras still decides *whether* to save (the private
+    `_should_save_model`). Upstream: no issue found (searched 2026-12-07); the closest,
+    keras-team/keras#17012, is about resuming `save_best_only` after an interruption.
+    """
+
+    def __init__(self, filepath: str, saved_model: keras.Model | None = None, **kwargs):
+        """`saved_model`: the model to write when `fit` trains a wrapper around it (`--qat`)."""
+        super().__init__(filepath, **kwargs)
+        self.saved_model = saved_model
+
+    def _save_model(self, epoch, batch, logs):
+        if self._should_save_model(epoch, batch, logs, self.filepath):
+            with atomic_path(self.filepath, suffix=".keras") as tmp:
+                (self.saved_model or self.model).save(tmp, overwrite=True)
