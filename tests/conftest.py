@@ -63,6 +63,7 @@ def model_dir(tmp_path_factory) -> pathlib.Path:
     proc = run_train(
         directory,
         "--flagfile=app/configs/cifar10_cpu_quick.flags",
+        f"--model_dir={directory}",  # after the recipe, which names its own
         f"--data_dir={cifar10}",
         "--train_limit=200",
         "--eval_limit=50",
