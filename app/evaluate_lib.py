@@ -57,7 +57,7 @@ from app.data import SPLITS
 from app.inference import KERAS_SUFFIX, Predictor, export_folder, load_predictor
 from app.metrics import EvalResult, compute_metrics, format_report
 from common.errors import UsageError
-from common.files import write_text_atomic
+from common.files import write_text
 
 if TYPE_CHECKING:
     from app.data import DataConfig
@@ -230,7 +230,7 @@ def write_outputs(
             images, labels, predictions, result.class_names, paths["predictions"], cols=GRID_COLS
         )
         document = {**(extra or {}), **result.to_dict()}
-        write_text_atomic(paths["json"], json.dumps(document, indent=2) + "\n")
+        write_text(paths["json"], json.dumps(document, indent=2) + "\n")
     except OSError as e:
         raise UsageError(f"cannot write results to {output_dir} ({e.strerror or e})") from e
     return paths

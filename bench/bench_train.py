@@ -229,7 +229,7 @@ def main(argv: list[str]) -> None:
     peaks = common.best_peaks(peaks, common.measure_peaks())
     print(train_cases.report(results, peaks, flag("baseline")))
     if flag("json_out"):
-        from common.files import write_text_atomic
+        from common.files import write_text
 
         rows = [
             {
@@ -247,7 +247,7 @@ def main(argv: list[str]) -> None:
             "threads": threads,
             "results": rows,
         }
-        write_text_atomic(flag("json_out"), json.dumps(payload, indent=2) + "\n")
+        write_text(flag("json_out"), json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def op_table(trace_dir: str, top: int = 12) -> str:
 def main(argv: list[str]) -> None:
     from app import data_flags, training
     from common.errors import UsageError
-    from common.files import write_text_atomic
+    from common.files import write_text
 
     cli.no_arguments(argv)
     config = train_program.config_from_flags()
@@ -211,7 +211,7 @@ def main(argv: list[str]) -> None:
         text += "\n\n" + op_table(_TRACE_DIR.value)
     print("\n" + text)
     if _REPORT.value:
-        write_text_atomic(_REPORT.value, text + "\n")
+        write_text(_REPORT.value, text + "\n")
 
 
 if __name__ == "__main__":

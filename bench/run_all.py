@@ -186,7 +186,7 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # TensorFlow's SavedModel writer logs every file
     from common.errors import UsageError
-    from common.files import write_text_atomic
+    from common.files import write_text
 
     sections = flags.FLAGS["sections"].value
     repeats = flags.FLAGS["repeats"].value
@@ -238,7 +238,7 @@ def main(argv: list[str]) -> None:
             *texts,
         ]
     )
-    write_text_atomic(flags.FLAGS["output"].value, text + "\n")
+    write_text(flags.FLAGS["output"].value, text + "\n")
     print(f"\nwrote {flags.FLAGS['output'].value} ({total / 60:.1f} min)")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from common.files import write_text_atomic
+from common.files import write_text
 
 MODEL_CARD = "model_card.md"
 # What each format is for, in the card's table.
@@ -110,5 +110,5 @@ def write_model_card(
 ) -> str:
     """Writes `model_card.md` atomically; returns its path."""
     path = os.path.join(export_dir, MODEL_CARD)
-    write_text_atomic(path, to_markdown(report, class_names, training_flags))
+    write_text(path, to_markdown(report, class_names, training_flags))
     return path

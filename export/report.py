@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common.files import write_text_atomic
+from common.files import write_text
 from export import ONNX, SAVED_MODEL, graph, onnx, saved_model, tflite
 from models.preprocessing import Preprocessing
 
@@ -218,8 +218,8 @@ def write_report(export_dir: str, report: dict) -> tuple[str, str]:
     """Writes `report.json` and `report.md` atomically; returns their paths."""
     json_path = os.path.join(export_dir, REPORT_JSON)
     md_path = os.path.join(export_dir, REPORT_MD)
-    write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
-    write_text_atomic(md_path, to_markdown(report))
+    write_text(json_path, json.dumps(report, indent=2) + "\n")
+    write_text(md_path, to_markdown(report))
     return json_path, md_path
 
 

@@ -20,7 +20,7 @@ import zipfile
 import zlib
 
 from common.errors import UsageError, first_line
-from common.files import write_text_atomic
+from common.files import write_text
 from models.preprocessing import FILENAME as PREPROCESSING_FILE
 from models.preprocessing import Preprocessing
 
@@ -32,7 +32,7 @@ KERAS_ARCHIVE_FILES = ("config.json", "model.weights.h5")
 def write_labels(directory: str, class_names: list[str]) -> str:
     """Writes `labels.txt` (one class name per line, index order); returns its path."""
     path = os.path.join(directory, LABELS_FILE)
-    write_text_atomic(path, "".join(f"{name}\n" for name in class_names))
+    write_text(path, "".join(f"{name}\n" for name in class_names))
     return path
 
 

@@ -13,7 +13,7 @@ import os
 from typing import Literal
 
 from common.errors import UsageError, first_line
-from common.files import write_text_atomic
+from common.files import write_text
 
 # The reference tutorial's CIFAR-10 statistics, in 0..1 units.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -61,7 +61,7 @@ class Preprocessing:
     def save(self, directory: str) -> str:
         """Writes `directory/preprocessing.json` atomically; returns its path."""
         path = os.path.join(directory, FILENAME)
-        write_text_atomic(path, self.to_json() + "\n")
+        write_text(path, self.to_json() + "\n")
         return path
 
     @classmethod

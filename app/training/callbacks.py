@@ -25,7 +25,7 @@ from app.training.backup import RunState, backup_path, save_backup
 from app.training.config import BEST_FILE, LOGS_DIR
 from app.training.plan import RunPlan
 from app.training.workarounds import AtomicModelCheckpoint
-from common.files import write_json, write_text_atomic
+from common.files import write_json, write_text
 
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
@@ -115,9 +115,7 @@ class RunRecords(keras.callbacks.Callback):
 
     def write(self, completed: bool) -> None:
         """(Re)writes history.csv, metrics.json and curves.png from the state."""
-        write_text_atomic(
-            os.path.join(self.directory, HISTORY_FILE), history_csv(self.state.history)
-        )
+        write_text(os.path.join(self.directory, HISTORY_FILE), history_csv(self.state.history))
         write_json(
             os.path.join(self.directory, METRICS_FILE),
             self.summary(self.state, completed),

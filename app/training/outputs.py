@@ -20,7 +20,7 @@ from app.training.config import BEST_FILE, FLAGS_FILE, NUM_SAMPLES, SAMPLES_FILE
 from app.training.plan import RunPlan
 from app.training.runtime import is_chief, worker_name
 from common.errors import UsageError
-from common.files import write_text_atomic
+from common.files import write_text
 from models.bundle import write_labels
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def write_start_files(
     """flags.txt, labels.txt, preprocessing.json and samples.png, before training."""
     os.makedirs(out_dir, exist_ok=True)
     if flags_text:
-        write_text_atomic(os.path.join(out_dir, FLAGS_FILE), flags_text)
+        write_text(os.path.join(out_dir, FLAGS_FILE), flags_text)
     write_labels(out_dir, splits.class_names)
     plan.preprocessing.save(out_dir)
     images, labels = data.sample_images(splits.train, NUM_SAMPLES, sample_seed)
