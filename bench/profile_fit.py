@@ -189,6 +189,11 @@ def op_table(trace_dir: str, top: int = 12) -> str:
     return "\n".join(lines)
 
 
+def define_flags() -> None:
+    """app.train's flags (this module's own are defined at import)."""
+    train_program.define_flags()
+
+
 def main(argv: list[str]) -> None:
     from app import data_flags, training
     from common.errors import UsageError
@@ -215,5 +220,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    train_program.define_flags()
+    define_flags()
     cli.run(main)

@@ -12,15 +12,12 @@ Pillow cannot be imported.
 
 from __future__ import annotations
 
-import base64
-import http.server
 import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
-import threading
 from concurrent import futures
 
 import numpy as np
@@ -38,6 +35,7 @@ from tests.helpers import (
     random_images,
     save_bundle,
     serve_predict_request,
+    serving_rest,
     tiny_model,
 )
 
@@ -102,62 +100,10 @@ def test_the_documented_base_path_holds_versions_with_saved_model_pb(export_dir)
 # Stand-ins for TF Serving: decode the request, call the signature, encode the answer.
 
 
-def _rest_answer(signatures, body: dict) -> dict:
-    """TF Serving's REST predict: row (`instances`) or columnar (`inputs`) requests."""
-    signature = signatures[body.get("signature_name", "serving_default")]
-    specs = signature.structured_input_signature[1]
-
-    def tensor(name, value):
-        if specs[name].dtype == tf.string:
-            value = [base64.b64decode(v["b64"]) if isinstance(v, dict) else v for v in value]
-        return tf.constant(value, dtype=specs[name].dtype)
-
-    if "instances" in body:
-        rows = body["instances"]
-        inputs = {name: tensor(name, [row[name] for row in rows]) for name in rows[0]}
-    else:
-        inputs = {name: tensor(name, value) for name, value in body["inputs"].items()}
-    outputs = {
-        name: [v.decode() if isinstance(v, bytes) else v for v in value.numpy().tolist()]
-        for name, value in signature(**inputs).items()
-    }
-    if "instances" in body:
-        count = len(body["instances"])
-        return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(count)]}
-    return {"outputs": outputs}
-
-
 @pytest.fixture(scope="module")
 def rest_server(served):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            status = 200
-            if self.path not in (
-                f"/v1/models/{MODEL_NAME}:predict",
-                f"/v1/models/{MODEL_NAME}/versions/1:predict",
-            ):
-                status, answer = 404, {"error": f"Servable not found for request: {self.path}"}
-            else:
-                try:
-                    answer = _rest_answer(served.signatures, body)
-                except tf.errors.InvalidArgumentError as e:
-                    status, answer = 400, {"error": first_line(e)}
-            data = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving_rest(served, MODEL_NAME) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
