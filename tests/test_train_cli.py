@@ -360,16 +360,22 @@ def test_sigkilled_run_resumes_mid_epoch(tmp_path, cifar10_dir):
     keras.saving.load_model(str(model_dir / "best.keras"))
 
 
+DATA_FLAGS = ("data_dir", "dataset", "train_limit", "eval_limit", "max_pixels")
+
+
 @pytest.mark.parametrize(
-    ("program", "own"),
+    ("program", "listed"),
     [
-        ("app.train", ("model_dir", "mixed_precision")),
-        ("app.evaluate", ("model", "split")),
-        ("app.visualize", ("output", "split")),
+        ("app.train", ("model_dir", "mixed_precision", *DATA_FLAGS)),
+        ("app.evaluate", ("model", "split", "flip", *DATA_FLAGS)),
+        ("app.visualize", ("output", "split", *DATA_FLAGS)),
+        ("app.predict", ("model", "top_k", "json", "max_pixels")),
+        ("app.export", ("model", "export_dir", "formats", "representative_data", "max_pixels")),
     ],
 )
-def test_help_lists_the_flags_a_user_sets(program, own):
-    """--help shows the program's own flags and the data flags, not absl's/TensorFlow's."""
+def test_help_lists_the_flags_a_user_sets(program, listed):
+    """--help shows the program's own flags and the data flags, not absl's/TensorFlow's;
+    --model of the programs that read exports names every format, .onnx included."""
     result = subprocess.run(
         [sys.executable, "-m", program, "--help"],
         cwd=REPO,
@@ -378,7 +384,10 @@ def test_help_lists_the_flags_a_user_sets(program, own):
         timeout=120,
     )
     assert "Try --helpfull" in result.stdout, result.stderr[-3000:]  # (absl exits 1 here)
-    listed = {line.split(":")[0].strip() for line in result.stdout.splitlines()}
-    for name in (*own, "data_dir", "dataset", "train_limit", "eval_limit"):
-        assert f"--{name}" in listed, name
-    assert "--verbosity" not in listed  # absl's own, behind --helpfull
+    listed_now = {line.split(":")[0].strip() for line in result.stdout.splitlines()}
+    for name in listed:
+        assert {f"--{name}", f"--[no]{name}"} & listed_now, name
+    assert "--verbosity" not in listed_now  # absl's own, behind --helpfull
+    if program in ("app.predict", "app.evaluate"):
+        model_help = result.stdout.split("  --model:")[1].split("\n  --")[0]
+        assert all(f in model_help for f in (".keras", "SavedModel", ".tflite", ".onnx"))
