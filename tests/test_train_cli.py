@@ -390,4 +390,5 @@ def test_help_lists_the_flags_a_user_sets(program, listed):
     assert "--verbosity" not in listed_now  # absl's own, behind --helpfull
     if program in ("app.predict", "app.evaluate"):
         model_help = result.stdout.split("  --model:")[1].split("\n  --")[0]
-        assert all(f in model_help for f in (".keras", "SavedModel", ".tflite", ".onnx"))
+        missing = [f for f in (".keras", "SavedModel", ".tflite", ".onnx") if f not in model_help]
+        assert not missing, model_help
