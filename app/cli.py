@@ -57,14 +57,43 @@ def show_progress_of(*loggers: str) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """`absl.app.run(main)`, with user errors printed as `error: ...` and exit code 2."""
+def check_paths(argv: list[str]) -> None:
+    """Refuses, before any work, every path among the flag values and arguments that
+    cannot work: an unregistered scheme (`s3://`, ...), or `gs://` without network or
+    credentials (`common.gcs_access`, seconds instead of TensorFlow's minutes of retries).
 
-    def guarded(argv: list[str]) -> None:
+    Raises:
+        common.files.StorageError: naming the path and what to do.
+    """
+    from absl import flags
+
+    from common import files, gcs_access
+
+    values = [v for v in flags.FLAGS.flag_values_dict().values() if isinstance(v, str)]
+    paths = [p for p in (*values, *argv[1:]) if files.is_remote(p)]
+    for path in paths:
+        files.check_scheme(path)
+    for path in paths:  # one probe answers for every gs:// path
+        if files.scheme(path) == "gs":
+            gcs_access.check(path)
+            break
+
+
+def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """`main` with its paths checked first (`check_paths`) and user errors printed as
+    `error: ...` with exit code 2 (what `run` runs once absl has parsed the flags)."""
+
+    def guarded_main(argv: list[str]) -> None:
         try:
+            check_paths(argv)
             main(argv)
         except user_errors() as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(guarded)
+    return guarded_main
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """`absl.app.run(main)`, guarded (`guarded`)."""
+    app.run(guarded(main))

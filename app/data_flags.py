@@ -17,12 +17,12 @@ Example (inside a program's `main`, flags parsed):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 from absl import flags
 
 from app.data import DataConfig, DataError
+from common import files
 from common.errors import UsageError
 from common.pixel_limits import MAX_PIXELS
 
@@ -137,15 +137,14 @@ def read_flagfile(path: str) -> dict[str, str]:
 
     Comments, blank lines and boolean `--name` / `--noname` lines are skipped.
     """
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         return {}
     values = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("--") and "=" in line:
-                name, value = line[2:].split("=", 1)
-                values[name] = value
+    for line in files.read_text(path).splitlines():
+        line = line.strip()
+        if line.startswith("--") and "=" in line:
+            name, value = line[2:].split("=", 1)
+            values[name] = value
     return values
 
 
@@ -160,7 +159,7 @@ def training_run_flags(model_path: str) -> dict[str, object]:
     # Imported here: the training library loads TensorFlow, which --help should not wait for.
     from app.training.config import FLAGS_FILE
 
-    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), FLAGS_FILE)
+    path = files.join(files.dirname(model_path), FLAGS_FILE)
     trained: dict[str, object] = dict(read_flagfile(path))
     try:
         if "seed" in trained:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -56,8 +55,8 @@ from app import data
 from app.data import SPLITS
 from app.inference import KERAS_SUFFIX, Predictor, export_folder, load_predictor
 from app.metrics import EvalResult, compute_metrics, format_report
+from common import files
 from common.errors import UsageError
-from common.files import write_text
 
 if TYPE_CHECKING:
     from app.data import DataConfig
@@ -181,15 +180,14 @@ def source_model_path(path: str) -> str:
     """The `.keras` model an exported model came from (the export's report.json says),
     so its training run's flags.txt gives the data to evaluate on; `path` itself otherwise."""
 
-    if path.endswith(KERAS_SUFFIX) or not os.path.exists(path):
+    if path.endswith(KERAS_SUFFIX) or not files.exists(path):
         return path
-    report = os.path.join(export_folder(path), "report.json")
+    report = files.join(export_folder(path), "report.json")
     try:
-        with open(report) as f:
-            source = json.load(f).get("model")
+        source = json.loads(files.read_text(report)).get("model")
     except (OSError, ValueError, AttributeError):
         return path
-    return source if isinstance(source, str) and os.path.isfile(source) else path
+    return source if isinstance(source, str) and files.isfile(source) else path
 
 
 def write_outputs(
@@ -219,18 +217,18 @@ def write_outputs(
 
     split = result.split + tag
     paths = {
-        "confusion": os.path.join(output_dir, f"confusion_{split}.png"),
-        "predictions": os.path.join(output_dir, f"predictions_{split}.png"),
-        "json": os.path.join(output_dir, f"eval_{split}.json"),
+        "confusion": files.join(output_dir, f"confusion_{split}.png"),
+        "predictions": files.join(output_dir, f"predictions_{split}.png"),
+        "json": files.join(output_dir, f"eval_{split}.json"),
     }
     try:
-        os.makedirs(output_dir, exist_ok=True)
+        files.makedirs(output_dir)
         plots.save_confusion_matrix(result.confusion, result.class_names, paths["confusion"])
         plots.save_predictions_grid(
             images, labels, predictions, result.class_names, paths["predictions"], cols=GRID_COLS
         )
         document = {**(extra or {}), **result.to_dict()}
-        write_text(paths["json"], json.dumps(document, indent=2) + "\n")
+        files.write_text(paths["json"], json.dumps(document, indent=2) + "\n")
     except OSError as e:
         raise UsageError(f"cannot write results to {output_dir} ({e.strerror or e})") from e
     return paths
@@ -309,7 +307,7 @@ def evaluate(config: EvalConfig) -> tuple[EvalResult, dict[str, str]]:
         labels=[labels[i] for i in keep],
         predictions=[int(scores[i].argmax()) for i in keep],
         extra={
-            "model": os.path.abspath(config.model),
+            "model": files.resolve(config.model),
             "format": predictor.name,
             "requested_split": config.split,
             "test_time_flip": config.flip,

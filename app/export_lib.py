@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 
 from app import data
 from app.data import DataConfig
 from app.training.config import FLAGS_FILE
+from common import files
 from common.errors import UsageError
 from common.pixel_limits import MAX_PIXELS
 from export import FORMATS
@@ -128,9 +128,7 @@ def export_model(job: ExportJob) -> dict:
     if job.num_calibration < 1 or job.num_evaluation < 0:
         raise UsageError("--num_calibration must be >= 1 and --num_evaluation >= 0")
     bundle = load_model_bundle(job.model)
-    export_dir = job.export_dir or os.path.join(
-        os.path.dirname(os.path.abspath(job.model)), EXPORT_DIR
-    )
+    export_dir = job.export_dir or files.join(files.dirname(job.model), EXPORT_DIR)
     calibration = evaluation = None
     if job.data is not None:
         calibration, evaluation = calibration_and_evaluation(
@@ -145,11 +143,10 @@ def export_model(job: ExportJob) -> dict:
             "note: no --representative_data nor flags.txt: no agreement figures in the report",
             file=sys.stderr,
         )
-    flags_path = os.path.join(os.path.dirname(os.path.abspath(job.model)), FLAGS_FILE)
+    flags_path = files.join(files.dirname(job.model), FLAGS_FILE)
     training_flags = None
-    if os.path.isfile(flags_path):  # the model card's training recipe
-        with open(flags_path) as f:
-            training_flags = f.read()
+    if files.isfile(flags_path):  # the model card's training recipe
+        training_flags = files.read_text(flags_path)
     config = all_formats.ExportConfig(
         export_dir,
         job.formats,

@@ -23,13 +23,13 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from app import data
+from common import files
 from common.errors import UsageError
 from models.bundle import LABELS_FILE, ModelBundle, load_model_bundle, read_labels
 from models.preprocessing import FILENAME as PREPROCESSING_FILE
@@ -110,7 +110,7 @@ class KerasPredictor(Predictor):
 
     def __init__(self, bundle: ModelBundle):
         self.path = bundle.path
-        self.folder = os.path.dirname(os.path.abspath(bundle.path))
+        self.folder = files.dirname(bundle.path)
         self.model = bundle.model
         self.class_names = bundle.class_names
         self.preprocessing = bundle.preprocessing
@@ -151,13 +151,13 @@ def find_labels(model_dir: str, levels: int = 2) -> str:
     Raises:
         UsageError: not found.
     """
-    directory = os.path.abspath(model_dir)
+    directory = files.resolve(model_dir)
     searched = []
     for _ in range(levels + 1):
         searched.append(directory)
-        if os.path.isfile(os.path.join(directory, LABELS_FILE)):
+        if files.isfile(files.join(directory, LABELS_FILE)):
             return directory
-        directory = os.path.dirname(directory)
+        directory = files.dirname(directory)
     raise UsageError(
         f"{LABELS_FILE} not found in {' or '.join(searched)}: keep the files app.export "
         "writes together"
@@ -168,15 +168,15 @@ def export_folder(path: str) -> str:
     """The export folder of an exported model: the `.tflite` file's folder, or the folder
     holding a SavedModel's base path (`<export_dir>/saved_model/<N>/`); `path`'s own folder
     when it is laid out otherwise."""
-    path = os.path.abspath(path)
-    if os.path.isfile(path):
-        return os.path.dirname(path)
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):  # a version folder
-        path = os.path.dirname(path)
-    candidate = os.path.dirname(path)
-    if os.path.isfile(os.path.join(candidate, LABELS_FILE)):
+    path = files.resolve(path).rstrip("/")
+    if files.isfile(path):
+        return files.dirname(path)
+    if files.isfile(files.join(path, "saved_model.pb")):  # a version folder
+        path = files.dirname(path)
+    candidate = files.dirname(path)
+    if files.isfile(files.join(candidate, LABELS_FILE)):
         return candidate
-    return path if os.path.isfile(os.path.join(path, LABELS_FILE)) else candidate
+    return path if files.isfile(files.join(path, LABELS_FILE)) else candidate
 
 
 class SavedModelPredictor(Predictor):
@@ -198,7 +198,7 @@ class SavedModelPredictor(Predictor):
         if self.class_names is None:
             labels_dir = find_labels(self.path)
             self.class_names = read_labels(labels_dir)
-            if os.path.isfile(os.path.join(labels_dir, PREPROCESSING_FILE)):
+            if files.isfile(files.join(labels_dir, PREPROCESSING_FILE)):
                 preprocessing = Preprocessing.load(labels_dir)
         self.image_size = preprocessing.image_size if preprocessing else None
         self._checked = False
@@ -265,11 +265,11 @@ class TFLitePredictor(Predictor):
     def __init__(self, path: str):
         from export.tflite import TFLiteClassifier
 
-        if not os.path.isfile(path):
+        if not files.isfile(path):
             raise UsageError(f"model file not found: {path}")
         self.path = path
         self.folder = export_folder(path)
-        self.name = os.path.basename(path).removesuffix(TFLITE_SUFFIX).removeprefix("model_")
+        self.name = files.basename(path).removesuffix(TFLITE_SUFFIX).removeprefix("model_")
         try:
             self.classifier = TFLiteClassifier(path)
         except UsageError as e:  # empty, truncated, not a flatbuffer, another input shape
@@ -328,9 +328,9 @@ def load_predictor(path: str) -> Predictor:
         return TFLitePredictor(path)
     if path.endswith(ONNX_SUFFIX):
         return ONNXPredictor(path)
-    if os.path.isdir(path):
+    if files.isdir(path):
         return SavedModelPredictor(path)
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise UsageError(f"model not found: {path}")
     raise UsageError(
         f"{path}: --model must be a .keras file, a SavedModel folder (the export's "

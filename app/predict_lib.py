@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 
 from app.inference import BATCH, Predictor, load_predictor
+from common import files
 from common.errors import UsageError, first_line
 from common.pixel_limits import MAX_PIXELS
 
@@ -58,10 +58,9 @@ def read_image(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
     from export import image_header
 
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise ImageError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = files.read_bytes(path)
     try:
         image = image_header.decode_image(data, max_pixels)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:

@@ -19,7 +19,6 @@ Example:
     files.write_json("gs://my-bucket/runs/r1/metrics.json", {"top1": 0.9})
     with files.atomic_path("gs://my-bucket/runs/r1/best.keras", suffix=".keras") as tmp:
         model.save(tmp)  # a local file, uploaded and renamed into place on success
-    files.read_text("ram://run/labels.txt")
 """
 
 from __future__ import annotations
@@ -81,14 +80,13 @@ def check_scheme(path: str) -> None:
         return
     registered = _registered_schemes()
     if name not in registered:
-        plugin = {
-            "s3": "no S3 file system works with TensorFlow 2.21 (tensorflow-io 0.37.1, the "
-            "last release, fails to load on it)",
-            "hdfs": "no HDFS file system works with TensorFlow 2.21 (tensorflow-io 0.37.1 "
-            "fails to load on it)",
-            "az": "no Azure file system works with TensorFlow 2.21 (tensorflow-io 0.37.1 fails "
-            "to load on it)",
-        }.get(name, "TensorFlow has no file system registered for it")
+        stores = {"s3": "S3", "hdfs": "HDFS", "az": "Azure"}
+        plugin = (
+            f"no {stores[name]} file system works with TensorFlow 2.21 (tensorflow-io 0.37.1, "
+            "the last release, fails to load on it)"
+            if name in stores
+            else "TensorFlow has no file system registered for it"
+        )
         raise StorageError(
             f"{path}: {name}:// is not supported here: {plugin}; TensorFlow reads "
             f"{', '.join(f'{s}://' for s in registered)} and local paths: copy the files "
@@ -238,6 +236,49 @@ def rename(source: str, target: str) -> None:
         os.replace(resolve(source), resolve(target))
 
 
+def copy(source: str, target: str) -> None:
+    """Copies file `source` to `target` (either may be remote) without holding it in memory,
+    atomically: to a temporary name beside `target`, then renamed over it."""
+    if not is_remote(target):
+        with atomic_path(target) as tmp:
+            if not is_remote(source):
+                shutil.copyfile(resolve(source), tmp)
+            else:
+                _remote(source, "copy", tmp, True)  # overwrite: the empty temporary file
+        return
+    check_scheme(target)
+    makedirs(dirname(target))  # ram:// lists only folders made explicitly
+    tmp = _temp_name(target)
+    try:
+        with _reported(source):
+            _gfile().copy(source if is_remote(source) else resolve(source), tmp, overwrite=True)
+        rename(tmp, target)
+    finally:
+        remove(tmp)
+
+
+def walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """(folder, sorted subfolders, sorted files) top down, as `os.walk` (on `ram://` a folder
+    shows only once made explicitly, as `makedirs` and `write_bytes` do)."""
+    if not is_remote(top):
+        for folder, subfolders, names in os.walk(resolve(top)):
+            subfolders.sort()
+            yield folder, subfolders, sorted(names)
+        return
+    check_scheme(top)
+    with _reported(top):
+        for folder, subfolders, names in _gfile().walk(top):
+            yield folder, sorted(s.rstrip("/") for s in subfolders), sorted(names)
+
+
+def relpath(path: str, start: str) -> str:
+    """`path` relative to folder `start` (`path` as given when it lies elsewhere)."""
+    prefix = start.rstrip("/") + "/"
+    if is_remote(path):
+        return path[len(prefix) :] if path.startswith(prefix) else path
+    return os.path.relpath(resolve(path), resolve(start))
+
+
 def open_read(path: str, binary: bool = True) -> IO:
     """A file object to read `path` from, for readers that stream (close it, or use `with`).
 
@@ -327,8 +368,7 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
         with tempfile.TemporaryDirectory(prefix="upload-") as scratch:
             tmp = os.path.join(scratch, f"{uuid.uuid4().hex}{suffix}")
             yield tmp
-            with open(tmp, "rb") as f:
-                write_bytes(path, f.read())
+            copy(tmp, path)
         return
     directory = dirname(path)
     os.makedirs(directory, exist_ok=True)

@@ -21,12 +21,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import os
 
 import numpy as np
 
+from common import files
 from common.errors import UsageError
-from common.files import atomic_path
 from common.pixel_limits import MAX_PIXELS
 from export import (
     FORMATS,
@@ -111,7 +110,7 @@ def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
             _check_sample(sample, size, name)
             log.info("%d %s images from %s", len(sample.images), name, sample.source)
 
-    os.makedirs(config.export_dir, exist_ok=True)
+    files.makedirs(config.export_dir)
     # The export folder stands on its own: the sidecars that give the outputs meaning.
     write_labels(config.export_dir, bundle.class_names)
     bundle.preprocessing.save(config.export_dir)
@@ -119,7 +118,7 @@ def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
     created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     written: dict[str, str] = {}
     if SAVED_MODEL in config.formats:
-        base = os.path.join(config.export_dir, SAVED_MODEL_DIR)
+        base = files.join(config.export_dir, SAVED_MODEL_DIR)
         written[SAVED_MODEL] = saved_model.export_saved_model(
             bundle.model,
             bundle.class_names,
@@ -142,17 +141,15 @@ def export_all(bundle: ModelBundle, config: ExportConfig) -> dict:
         for fmt, blob in blobs.items():
             # Labels and input normalisation inside the file, for MediaPipe and Android.
             blob = metadata.add_metadata(blob, bundle.class_names, info)
-            path = os.path.join(config.export_dir, tflite.filename(fmt))
-            with atomic_path(path, suffix=".tflite") as tmp, open(tmp, "wb") as f:
-                f.write(blob)
+            path = files.join(config.export_dir, tflite.filename(fmt))
+            files.write_bytes(path, blob)
             written[fmt] = path
             log.info("wrote %s (%d bytes)", path, len(blob))
 
     if ONNX in config.formats:
-        path = os.path.join(config.export_dir, onnx.FILENAME)
+        path = files.join(config.export_dir, onnx.FILENAME)
         blob = onnx.convert(bundle.model, bundle.preprocessing)
-        with atomic_path(path, suffix=".onnx") as tmp, open(tmp, "wb") as f:
-            f.write(blob)
+        files.write_bytes(path, blob)
         written[ONNX] = path
         log.info("wrote %s (%d bytes)", path, len(blob))
 
@@ -187,7 +184,7 @@ def _report(
 ) -> dict:
     size = bundle.preprocessing.image_size
     result = {
-        "model": os.path.abspath(bundle.path),
+        "model": files.resolve(bundle.path),
         "model_name": bundle.model.name,
         "created": created,
         "image_size": size,
@@ -213,7 +210,7 @@ def _report(
             )
     for fmt, path in written.items():
         log.info("measuring %s", fmt)
-        entry = {"format": fmt, "path": os.path.relpath(path, config.export_dir)}
+        entry = {"format": fmt, "path": files.relpath(path, config.export_dir)}
         entry.update(report.measure(fmt, path, pixels, reference, labels))
         result["formats"].append(entry)
     float32 = next((e for e in result["formats"] if e["format"] == "float32"), None)

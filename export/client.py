@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
+from common import files
 from common.errors import UsageError, first_line
 from export import INPUT_BYTES, INPUT_IMAGES, OUTPUTS, SIGNATURE_BYTES, SIGNATURE_IMAGES
 
@@ -229,7 +231,7 @@ def read_pixels(path: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(_read_bytes(path))) as image:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)[np.newaxis]
     except (UnidentifiedImageError, OSError) as e:
         raise UsageError(f"{path}: not a readable image ({first_line(e)})") from e
@@ -237,8 +239,7 @@ def read_pixels(path: str):
 
 def _read_bytes(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return files.read_bytes(path)
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror or e})") from e
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import zipfile
 
 import flatbuffers
@@ -39,6 +38,7 @@ import numpy as np
 from tensorflow.lite.python import schema_py_generated as tflite_schema
 from tensorflow.lite.tools import flatbuffer_utils
 
+from common import files
 from common.errors import UsageError
 
 METADATA_NAME = "TFLITE_METADATA"  # the Model.metadata entry readers look for
@@ -242,10 +242,9 @@ def read_metadata(model: str | bytes) -> Metadata:
     schema, _ = _schema()
     where = model if isinstance(model, str) else "the model"
     if isinstance(model, str):
-        if not os.path.isfile(model):
+        if not files.isfile(model):
             raise UsageError(f"TFLite model not found: {model}")
-        with open(model, "rb") as f:
-            model = f.read()
+        model = files.read_bytes(model)
     try:
         parsed = flatbuffer_utils.read_model_from_bytearray(model)
     except Exception as e:  # flatbuffers raises anything on garbage

@@ -8,9 +8,7 @@ the report.
 
 from __future__ import annotations
 
-import os
-
-from common.files import write_text
+from common import files
 
 MODEL_CARD = "model_card.md"
 # What each format is for, in the card's table.
@@ -40,7 +38,7 @@ def to_markdown(report: dict, class_names: list[str], training_flags: str | None
     evaluation, calibration = report.get("evaluation"), report.get("calibration")
     lines = [
         f"# Model card: {report.get('model_name', 'model')} "
-        f"({os.path.basename(os.path.dirname(report['model']))})",
+        f"({files.basename(files.dirname(report['model']))})",
         "",
         f"Image classifier, {len(class_names)} classes: {', '.join(class_names)}. "
         f"Exported {report['created']} from `{report['model']}`.",
@@ -109,6 +107,6 @@ def write_model_card(
     export_dir: str, report: dict, class_names: list[str], training_flags: str | None
 ) -> str:
     """Writes `model_card.md` atomically; returns its path."""
-    path = os.path.join(export_dir, MODEL_CARD)
-    write_text(path, to_markdown(report, class_names, training_flags))
+    path = files.join(export_dir, MODEL_CARD)
+    files.write_text(path, to_markdown(report, class_names, training_flags))
     return path

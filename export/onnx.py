@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from common import files
 from common.errors import UsageError, first_line
 from export import INPUT_IMAGES, graph
 from models.preprocessing import Preprocessing
@@ -91,14 +92,16 @@ class ONNXClassifier:
     def __init__(self, path: str, num_threads: int = NUM_THREADS):
         import onnxruntime
 
-        if not os.path.isfile(path):
+        if not files.isfile(path):
             raise UsageError(f"ONNX model not found: {path}")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
         try:
             self._session = onnxruntime.InferenceSession(
-                path, options, providers=["CPUExecutionProvider"]
+                files.read_bytes(path) if files.is_remote(path) else path,  # ORT reads local files
+                options,
+                providers=["CPUExecutionProvider"],
             )
         except Exception as e:  # onnxruntime's InvalidProtobuf / Fail
             raise UsageError(f"{path} is not an ONNX model ({first_line(e)})") from e

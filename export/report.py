@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common.files import write_text
+from common import files
 from export import ONNX, SAVED_MODEL, graph, onnx, saved_model, tflite
 from models.preprocessing import Preprocessing
 
@@ -75,12 +75,10 @@ def _latency(seconds: np.ndarray) -> dict:
 
 def file_size(path: str) -> int:
     """Bytes of a file, or of every file under a folder."""
-    if os.path.isfile(path):
-        return os.path.getsize(path)
+    if files.isfile(path):
+        return files.size(path)
     return sum(
-        os.path.getsize(os.path.join(root, name))
-        for root, _, files in os.walk(path)
-        for name in files
+        files.size(files.join(root, name)) for root, _, names in files.walk(path) for name in names
     )
 
 
@@ -216,10 +214,10 @@ def to_markdown(report: dict) -> str:
 
 def write_report(export_dir: str, report: dict) -> tuple[str, str]:
     """Writes `report.json` and `report.md` atomically; returns their paths."""
-    json_path = os.path.join(export_dir, REPORT_JSON)
-    md_path = os.path.join(export_dir, REPORT_MD)
-    write_text(json_path, json.dumps(report, indent=2) + "\n")
-    write_text(md_path, to_markdown(report))
+    json_path = files.join(export_dir, REPORT_JSON)
+    md_path = files.join(export_dir, REPORT_MD)
+    files.write_text(json_path, json.dumps(report, indent=2) + "\n")
+    files.write_text(md_path, to_markdown(report))
     return json_path, md_path
 
 

@@ -1,7 +1,8 @@
-"""The TF Serving SavedModel: two signatures, integer versions, written atomically.
+"""The TF Serving SavedModel: two signatures, integer versions, published safely.
 
 Layout under a model base path (what `tensorflow/serving --model_base_path` watches;
-`python -m app.export --export_dir=DIR` makes `DIR/saved_model` the base path):
+`python -m app.export --export_dir=DIR` makes `DIR/saved_model` the base path; local or a
+bucket, `gs://...`):
 
     <base>/1/saved_model.pb  <base>/1/variables/  <base>/2/ ...   a new export adds max + 1
     <base>/<N>/assets.extra/tf_serving_warmup_requests            replayed by TF Serving on load
@@ -33,13 +34,14 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from common import files
 from common.errors import UsageError, first_line
-from common.files import write_json
 from common.pixel_limits import MAX_PIXELS, TOO_LARGE
 from export import (
     INPUT_BYTES,
@@ -59,7 +61,7 @@ from models.preprocessing import Preprocessing, resize
 EXTRA_DIR = "assets.extra"
 # TF Serving replays these requests when it loads a version, so the first real request
 # does not pay for graph initialisation.
-WARMUP_FILE = os.path.join(EXTRA_DIR, "tf_serving_warmup_requests")
+WARMUP_FILE = f"{EXTRA_DIR}/tf_serving_warmup_requests"
 # The signatures' inputs: name -> (dtype, rank).
 CONTRACT = {
     SIGNATURE_IMAGES: (INPUT_IMAGES, tf.uint8, 4),
@@ -67,7 +69,10 @@ CONTRACT = {
 }
 EMPTY_BATCH = "empty batch: a request must hold at least one image"
 # The limits the signatures enforce, for people and tools (TF Serving ignores the file).
-LIMITS_FILE = os.path.join(EXTRA_DIR, "serving_limits.json")
+LIMITS_FILE = f"{EXTRA_DIR}/serving_limits.json"
+# Written last when a version is published into a bucket: TF Serving takes any integer folder
+# for a version, and loads it once this file is there.
+GRAPH_FILE = "saved_model.pb"
 
 
 def _nonempty(batch: tf.Tensor) -> tf.Operation:
@@ -147,15 +152,15 @@ def serving_archive(
 
 
 def versions(base_dir: str) -> list[int]:
-    """The integer version folders under a model base path, ascending (others ignored)."""
-    if not os.path.isdir(base_dir):
+    """The complete versions under a model base path, ascending: integer folders that hold a
+    saved_model.pb (others, and one still being published, are ignored)."""
+    if not files.isdir(base_dir):
         return []
-    found = [
+    return sorted(
         int(name)
-        for name in os.listdir(base_dir)
-        if name.isdigit() and os.path.isdir(os.path.join(base_dir, name))
-    ]
-    return sorted(found)
+        for name in files.listdir(base_dir)
+        if name.isdigit() and files.isfile(files.join(base_dir, name, GRAPH_FILE))
+    )
 
 
 def write_warmup_requests(path: str, image_size: int) -> str:
@@ -164,7 +169,7 @@ def write_warmup_requests(path: str, image_size: int) -> str:
 
     grey = np.full((1, image_size, image_size, 3), 128, dtype=np.uint8)
     png = tf.io.encode_png(grey[0]).numpy()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.makedirs(files.dirname(path))
     with tf.io.TFRecordWriter(path) as writer:
         for request in (
             client.predict_request("warmup", images=grey),
@@ -196,31 +201,46 @@ def export_saved_model(
     warmup: bool = True,
     max_pixels: int = MAX_PIXELS,
 ) -> str:
-    """Writes the next integer version under `base_dir`; returns its path.
+    """Writes the next integer version under `base_dir` (local or a bucket); returns its path.
 
     The signatures refuse images over `max_pixels`; the limit is recorded in the version's
-    `assets.extra/serving_limits.json`.
-
-    The SavedModel is written into a hidden temporary folder beside the versions (TF Serving
-    ignores names that are not integers) and renamed into place only when complete, so a
-    server never sees half a version and existing versions are never touched.
+    `assets.extra/serving_limits.json`. A server never loads half a version, and existing
+    versions are never touched: on a local disk the version is written into a hidden folder
+    beside the versions (TF Serving ignores names that are not integers) and renamed into
+    place when complete; in a bucket, where a folder rename is a copy object by object, it is
+    written locally and published file by file with saved_model.pb last (`_publish`).
     """
-    os.makedirs(base_dir, exist_ok=True)
     archive = serving_archive(model, class_names, preprocessing, max_pixels)
+
+    def write(folder: str) -> None:
+        archive.write_out(folder, verbose=False)
+        extra = os.path.join(folder, EXTRA_DIR)
+        os.makedirs(extra, exist_ok=True)
+        write_labels(extra, class_names)
+        preprocessing.save(extra)
+        files.write_json(os.path.join(folder, LIMITS_FILE), {"max_pixels": max_pixels})
+        if warmup:
+            write_warmup_requests(os.path.join(folder, WARMUP_FILE), preprocessing.image_size)
+
+    files.makedirs(base_dir)
+    if files.is_remote(base_dir):
+        with tempfile.TemporaryDirectory(prefix="export-") as local:
+            write(local)
+            return _publish(local, base_dir)
+    return _rename_into_place(write, files.resolve(base_dir))
+
+
+def _rename_into_place(write: Callable[[str], None], base_dir: str) -> str:
+    """A new version on a local disk: written into a hidden folder, renamed to the next
+    number (atomic; never a number any folder has)."""
     tmp = tempfile.mkdtemp(dir=base_dir, prefix=".export-")
     try:
         # mkdtemp makes the folder private (0700); a server running as another user must read it.
         os.chmod(tmp, 0o755)
-        archive.write_out(tmp, verbose=False)
-        extra = os.path.join(tmp, EXTRA_DIR)
-        os.makedirs(extra, exist_ok=True)
-        write_labels(extra, class_names)
-        preprocessing.save(extra)
-        write_json(os.path.join(tmp, LIMITS_FILE), {"max_pixels": max_pixels})
-        if warmup:
-            write_warmup_requests(os.path.join(tmp, WARMUP_FILE), preprocessing.image_size)
+        write(tmp)
         while True:  # another export may take a number meanwhile: then take the next one
-            target = os.path.join(base_dir, str(max(versions(base_dir), default=0) + 1))
+            taken = [int(name) for name in os.listdir(base_dir) if name.isdigit()]
+            target = os.path.join(base_dir, str(max(taken, default=0) + 1))
             if os.path.exists(target):
                 continue
             try:
@@ -235,19 +255,42 @@ def export_saved_model(
             shutil.rmtree(tmp)
 
 
+def _publish(local: str, base_dir: str) -> str:
+    """Copies the version in local folder `local` to the next number under bucket path
+    `base_dir`, file by file, each under a temporary name renamed into place, saved_model.pb
+    last: TF Serving takes `<N>/` for a version as soon as any file is there, fails to load it
+    until saved_model.pb is, and retries (`--max_num_load_retries`, every
+    `--load_retry_interval_micros`); with saved_model.pb last it never loads half a version.
+
+    The number follows the highest complete version, so a folder a killed export left
+    without saved_model.pb (never served) is emptied and reused rather than skipped.
+    """
+    target = files.join(base_dir, str(max(versions(base_dir), default=0) + 1))
+    files.rmtree(target)
+    names = []
+    for folder, _, found in files.walk(local):
+        inside = os.path.relpath(folder, local).replace(os.sep, "/")
+        inside = "" if inside == "." else inside
+        files.makedirs(files.join(target, inside) if inside else target)  # empty ones too
+        names += [f"{inside}/{name}".lstrip("/") for name in found]
+    for name in sorted(names, key=lambda name: (name == GRAPH_FILE, name)):
+        files.copy(os.path.join(local, name), files.join(target, name))
+    return target
+
+
 def resolve_version(path: str) -> str:
     """A SavedModel folder: `path` itself, or its latest integer version if it is a base path."""
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+    if files.isfile(files.join(path, GRAPH_FILE)):
         return path
     found = versions(path)
     if not found:
         hint = "as python -m app.export writes under <export_dir>/saved_model"
-        if os.path.isdir(os.path.join(path, "saved_model")):
-            hint = f"did you mean {os.path.join(path, 'saved_model')}?"
+        if files.isdir(files.join(path, "saved_model")):
+            hint = f"did you mean {files.join(path, 'saved_model')}?"
         raise UsageError(
             f"no SavedModel in {path}: expected saved_model.pb or integer version folders ({hint})"
         )
-    return os.path.join(path, str(found[-1]))
+    return files.join(path, str(found[-1]))
 
 
 def check_contract(path: str, signatures) -> None:
@@ -321,7 +364,7 @@ def load_serving(path: str) -> ServingModel:
             `variables/`, a corrupt `saved_model.pb`), or one without the serving signatures.
     """
     version_dir = resolve_version(path)
-    if not os.path.isdir(os.path.join(version_dir, "variables")):
+    if not files.isdir(files.join(version_dir, "variables")):
         raise UsageError(
             f"{version_dir} has no variables/ folder: the SavedModel was copied incompletely; "
             "copy the whole version folder or export it again with python -m app.export"
@@ -334,10 +377,10 @@ def load_serving(path: str) -> ServingModel:
             "export it again with python -m app.export"
         ) from e
     check_contract(version_dir, loaded.signatures)
-    extra = os.path.join(version_dir, EXTRA_DIR)
+    extra = files.join(version_dir, EXTRA_DIR)
     class_names = preprocessing = None
-    if os.path.isfile(os.path.join(extra, LABELS_FILE)):
+    if files.isfile(files.join(extra, LABELS_FILE)):
         class_names = read_labels(extra)
-    if os.path.isfile(os.path.join(extra, PREPROCESSING_FILE)):
+    if files.isfile(files.join(extra, PREPROCESSING_FILE)):
         preprocessing = Preprocessing.load(extra)
     return ServingModel(version_dir, loaded, class_names, preprocessing)

@@ -33,6 +33,7 @@ import tensorflow as tf
 from tensorflow.lite.python import convert as lite_convert
 from tensorflow.lite.tools import flatbuffer_utils
 
+from common import files
 from common.errors import UsageError, first_line
 from export import INPUT_IMAGES, SIGNATURE_IMAGES, TFLITE_FORMATS, graph
 from models.preprocessing import Preprocessing
@@ -261,10 +262,12 @@ class TFLiteClassifier:
     """
 
     def __init__(self, path: str, num_threads: int = NUM_THREADS):
-        if not os.path.isfile(path):
+        if not files.isfile(path):
             raise UsageError(f"TFLite model not found: {path}")
+        # The interpreter reads a local file itself; a bucket's is read for it.
+        model = files.read_bytes(path) if files.is_remote(path) else path
         try:
-            self._interpreter = _interpreter(path, num_threads)
+            self._interpreter = _interpreter(model, num_threads)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"{path} is not a TFLite model ({first_line(e)})") from e

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import zipfile
 import zlib
 
+from common import files
 from common.errors import UsageError, first_line
-from common.files import write_text
 from models.preprocessing import FILENAME as PREPROCESSING_FILE
 from models.preprocessing import Preprocessing
 
@@ -31,31 +30,35 @@ KERAS_ARCHIVE_FILES = ("config.json", "model.weights.h5")
 
 def write_labels(directory: str, class_names: list[str]) -> str:
     """Writes `labels.txt` (one class name per line, index order); returns its path."""
-    path = os.path.join(directory, LABELS_FILE)
-    write_text(path, "".join(f"{name}\n" for name in class_names))
+    path = files.join(directory, LABELS_FILE)
+    files.write_text(path, "".join(f"{name}\n" for name in class_names))
     return path
 
 
 def read_labels(directory: str) -> list[str]:
     """The class names of `directory/labels.txt`, in index order."""
-    path = os.path.join(directory, LABELS_FILE)
-    with open(path) as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    text = files.read_text(files.join(directory, LABELS_FILE))
+    return [line for line in text.splitlines() if line.strip()]
 
 
-def check_keras_archive(path: str) -> None:
+def check_keras_archive(path: str, name: str | None = None) -> None:
     """Refuses a `.keras` file that is empty, truncated, corrupt or another program's zip,
     before Keras reads it (its own error for all of these is "File not found").
+
+    Args:
+        path: a local file (zip needs one: `common.files.local_copy`).
+        name: what to call it in messages (the path the user gave); default `path`.
 
     Raises:
         UsageError: what is wrong with the file, and how to get a good one.
     """
     fix = "copy it again from the training run, or retrain"
-    size = os.path.getsize(path)
+    local, path = path, name or path
+    size = files.size(local)
     if size == 0:
         raise UsageError(f"{path} is not a Keras model file: it is empty (0 bytes); {fix}")
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(local) as archive:
             names = set(archive.namelist())
             damaged = archive.testzip()  # checks every member's CRC
             config = archive.read("config.json") if "config.json" in names else b"{}"
@@ -128,35 +131,37 @@ def load_model_bundle(path: str) -> ModelBundle:
     """
     import keras
 
-    if os.path.isdir(path):
+    if files.isdir(path):
         raise UsageError(
             f"{path} is a folder, not a .keras file: pass the model app.train writes, e.g. "
             "runs/cpu_quick/best.keras"
         )
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise UsageError(f"model file not found: {path}")
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = files.dirname(path)
     for sidecar in (LABELS_FILE, PREPROCESSING_FILE):
-        if not os.path.isfile(os.path.join(directory, sidecar)):
+        if not files.isfile(files.join(directory, sidecar)):
             raise UsageError(
                 f"{sidecar} not found next to {path}: keep the files app.train writes "
                 "together with the model"
             )
-    check_keras_archive(path)
-    try:
-        class_names = read_labels(directory)
-        preprocessing = Preprocessing.load(directory)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UsageError(
-            f"{LABELS_FILE} or {PREPROCESSING_FILE} next to {path} cannot be read "
-            f"({type(e).__name__}: {first_line(e)}): keep the files app.train writes together"
-        ) from e
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as e:  # h5/config/layer errors all mean "not a usable .keras file"
-        raise UsageError(
-            f"{path} is not a Keras model this project can load ({type(e).__name__}: "
-            f"{first_line(e)}); pass the best.keras that app.train writes"
-        ) from e
+    with files.local_copy(path) as local:  # one download, checked, then loaded
+        check_keras_archive(local, path)
+        try:
+            class_names = read_labels(directory)
+            preprocessing = Preprocessing.load(directory)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UsageError(
+                f"{LABELS_FILE} or {PREPROCESSING_FILE} next to {path} cannot be read "
+                f"({type(e).__name__}: {first_line(e)}): keep the files app.train writes "
+                "together"
+            ) from e
+        try:
+            model = keras.saving.load_model(local, compile=False)
+        except Exception as e:  # h5/config/layer errors all mean "not a usable .keras file"
+            raise UsageError(
+                f"{path} is not a Keras model this project can load ({type(e).__name__}: "
+                f"{first_line(e)}); pass the best.keras that app.train writes"
+            ) from e
     check_image_model(path, model, preprocessing, len(class_names))
     return ModelBundle(model, class_names, preprocessing, path)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Literal
 
+from common import files
 from common.errors import UsageError, first_line
-from common.files import write_text
 
 # The reference tutorial's CIFAR-10 statistics, in 0..1 units.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -60,8 +59,8 @@ class Preprocessing:
 
     def save(self, directory: str) -> str:
         """Writes `directory/preprocessing.json` atomically; returns its path."""
-        path = os.path.join(directory, FILENAME)
-        write_text(path, self.to_json() + "\n")
+        path = files.join(directory, FILENAME)
+        files.write_text(path, self.to_json() + "\n")
         return path
 
     @classmethod
@@ -71,10 +70,9 @@ class Preprocessing:
         Raises:
             UsageError: the file is missing, not JSON, or not a preprocessing of ours.
         """
-        path = os.path.join(directory, FILENAME)
+        path = files.join(directory, FILENAME)
         try:
-            with open(path) as f:
-                raw = json.load(f)
+            raw = json.loads(files.read_text(path))
             raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
             return cls(**raw)
         except (OSError, ValueError, TypeError, KeyError) as e:

@@ -15,8 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import zipfile
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -24,6 +24,7 @@ from typing import Literal
 import keras
 from keras import layers
 
+from common import files
 from models import weights as weights_lib
 from models.layers import FusedBatchNormalization, MatmulConv2D
 
@@ -220,7 +221,7 @@ def build_stem(x, kind: Stem):
 def _keras_file_stride_on(path: str) -> str | None:
     """The stride placement of a `.keras` ResNet, read from its config.json."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(files.read_bytes(path))) as archive:
             config = json.loads(archive.read("config.json"))
     except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
         return None
@@ -235,7 +236,7 @@ def default_stride_on(weights: str | None) -> StrideOn:
     a legacy `.h5` in their layout), a `.keras` ResNet's own, else "3x3" (ResNet v1.5)."""
     if weights == "imagenet":
         return "1x1"
-    if weights and os.path.exists(weights):
+    if weights and files.exists(weights):
         if weights.endswith(".keras"):
             return _keras_file_stride_on(weights) or "3x3"
         if weights_lib.is_legacy_h5(weights):

@@ -27,6 +27,7 @@ import h5py
 import keras
 import numpy as np
 
+from common import files
 from common.errors import UsageError, first_line
 from models.bundle import check_keras_archive
 
@@ -66,14 +67,14 @@ def is_legacy_h5(path: str) -> bool:
     if path.endswith(".weights.h5"):
         return False
     try:
-        with h5py.File(path, "r") as f:
+        with files.local_copy(path) as local, h5py.File(local, "r") as f:  # h5py: a local file
             return "layer_names" in f.attrs or "model_weights" in f
     except OSError:
         return False
 
 
-def _read_legacy_h5(path: str) -> dict[str, list[np.ndarray]]:
-    with h5py.File(path, "r") as f:
+def _read_legacy_h5(local: str, path: str) -> dict[str, list[np.ndarray]]:
+    with h5py.File(local, "r") as f:
         group = f.get("model_weights", f)
         if "layer_names" not in group.attrs:
             raise WeightsError(f"{path}: not a Keras weights file (no 'layer_names')")
@@ -97,13 +98,14 @@ def _read_keras_file(path: str) -> dict[str, list[np.ndarray]]:
 
 def read_layer_weights(path: str) -> dict[str, list[np.ndarray]]:
     """Reads `{layer name: [arrays]}` from a legacy `.h5` or a `.keras` file."""
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise WeightsError(f"weights file not found: {path}")
     try:
-        if path.endswith(".keras"):
-            check_keras_archive(path)  # empty, truncated, another program's zip
-            return _read_keras_file(path)
-        return _read_legacy_h5(path)
+        with files.local_copy(path) as local:  # h5py and zip need a local file
+            if path.endswith(".keras"):
+                check_keras_archive(local, path)  # empty, truncated, another program's zip
+                return _read_keras_file(local)
+            return _read_legacy_h5(local, path)
     except WeightsError:
         raise
     except UsageError as e:
@@ -217,10 +219,11 @@ def load_into(model: keras.Model, weights: str, arch: str, head: str) -> list[st
     else:
         path = os.fspath(weights)
     if path.endswith(".weights.h5"):
-        if not os.path.exists(path):
+        if not files.exists(path):
             raise WeightsError(f"weights file not found: {path}")
         try:
-            model.load_weights(path)
+            with files.local_copy(path) as local:
+                model.load_weights(local)
         except Exception as e:
             raise WeightsError(
                 f"{path} does not fit the model ({type(e).__name__}: {first_line(e)}); a "

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.server
+import importlib
+import io
 import json
 import os
 import pathlib
@@ -16,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from types import ModuleType
 
 import keras
 import numpy as np
@@ -70,6 +74,43 @@ def run_program(module: str, *args: str, timeout: float = 300) -> subprocess.Com
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+# --- programs in this process (ram:// lives only in the process that wrote it) -------------
+
+
+@contextlib.contextmanager
+def program_flags(module: str, *args: str) -> Iterator[tuple[ModuleType, list[str]]]:
+    """`python -m module args...`'s flags, defined and parsed in this process: yields the
+    program module and its positional arguments (argv). The program's flags are removed
+    afterwards, so another program (another `--model`) can define its own."""
+    from absl import flags
+
+    program = importlib.reload(importlib.import_module(module))  # fresh module-level state
+    before = set(flags.FLAGS)
+    program.define_flags()
+    try:
+        yield program, flags.FLAGS([module, *args])
+    finally:
+        flags.FLAGS.unparse_flags()
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+
+
+def run_main(module: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs a program's `main` in this process as `python -m module args...` would (its paths
+    checked, user errors as one `error:` line and exit code 2); output captured."""
+    from app import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with program_flags(module, *args) as (program, argv):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.guarded(program.main)(argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
 # --- training runs -----------------------------------------------------------------------

@@ -4,7 +4,8 @@ Keras 3.15's `BackupAndRestore` restores only the epoch number and restarts that
 from its first batch with mid-epoch weights (it records the batch but never reads it back),
 so the batches done before the kill are trained twice and the run no longer matches an
 uninterrupted one. Resuming exactly needs more, so a backup here is ONE file,
-`backup/state.npz`, written atomically (temporary file, fsync, `os.replace`), that holds:
+`backup/state.npz`, written atomically (a temporary file, fsync, renamed into place; in a
+bucket uploaded under a temporary name and renamed over, `common.files`), that holds:
 
 - every model variable (weights, batch-norm statistics, dropout seed-generator state),
 - every optimizer variable (momentum, iteration count, loss scale),
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from common import files
 from common.errors import UsageError
 from common.files import atomic_path
 
@@ -86,7 +88,7 @@ class Backup:
 
 def backup_path(directory: str) -> str:
     """The backup file of the run in `directory`."""
-    return os.path.join(directory, BACKUP_DIR, BACKUP_FILE)
+    return files.join(directory, BACKUP_DIR, BACKUP_FILE)
 
 
 def save_backup(path: str, state: RunState, groups: Mapping[str, Sequence[Any]]) -> None:
@@ -111,10 +113,15 @@ def save_backup(path: str, state: RunState, groups: Mapping[str, Sequence[Any]])
         os.fsync(f.fileno())
 
 
+def _open_npz(path: str) -> np.lib.npyio.NpzFile:
+    """The backup's arrays, read whole: `np.load` cannot open a bucket path itself."""
+    return np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False)
+
+
 def read_state(path: str) -> RunState | None:
     """Only the run state of a backup (cheap: skips the arrays); None when absent/unreadable."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with _open_npz(path) as npz:
             return RunState.from_meta(json.loads(npz[_META].tobytes().decode()))
     except (OSError, ValueError, KeyError):
         return None
@@ -126,10 +133,10 @@ def load_backup(path: str) -> Backup | None:
     Raises:
         UsageError: the file exists but is not a readable backup of this program.
     """
-    if not os.path.exists(path):
+    if not files.exists(path):
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with _open_npz(path) as npz:
             meta = json.loads(npz[_META].tobytes().decode())
             arrays: dict[str, list[np.ndarray]] = {}
             for key in sorted(k for k in npz.files if k != _META):

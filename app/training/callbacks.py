@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,7 +24,7 @@ from app.training.backup import RunState, backup_path, save_backup
 from app.training.config import BEST_FILE, LOGS_DIR
 from app.training.plan import RunPlan
 from app.training.workarounds import AtomicModelCheckpoint
-from common.files import write_json, write_text
+from common import files
 
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
@@ -60,11 +59,11 @@ def history_csv(history: Sequence[Mapping[str, float]]) -> str:
 
 def read_history_csv(path: str) -> list[dict[str, float]]:
     """Reads `history.csv` back (epoch as int, the rest as float; empty cells left out)."""
-    with open(path, newline="") as f:
-        return [
-            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v != ""}
-            for row in csv.DictReader(f)
-        ]
+    rows = csv.DictReader(io.StringIO(files.read_text(path), newline=""))
+    return [
+        {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v != ""}
+        for row in rows
+    ]
 
 
 def history_columns(history: Sequence[Mapping[str, float]]) -> dict[str, list[float]]:
@@ -115,15 +114,15 @@ class RunRecords(keras.callbacks.Callback):
 
     def write(self, completed: bool) -> None:
         """(Re)writes history.csv, metrics.json and curves.png from the state."""
-        write_text(os.path.join(self.directory, HISTORY_FILE), history_csv(self.state.history))
-        write_json(
-            os.path.join(self.directory, METRICS_FILE),
+        files.write_text(files.join(self.directory, HISTORY_FILE), history_csv(self.state.history))
+        files.write_json(
+            files.join(self.directory, METRICS_FILE),
             self.summary(self.state, completed),
             sort_keys=True,
         )
         if self.state.history:
             plots.save_curves(
-                history_columns(self.state.history), os.path.join(self.directory, CURVES_FILE)
+                history_columns(self.state.history), files.join(self.directory, CURVES_FILE)
             )
 
 
@@ -151,7 +150,8 @@ class EpochSummaries(keras.callbacks.Callback):
         import tensorflow as tf
 
         if name not in self._writers:
-            self._writers[name] = tf.summary.create_file_writer(os.path.join(self.log_dir, name))
+            # TF's own writer: any file system TensorFlow has, buckets included.
+            self._writers[name] = tf.summary.create_file_writer(files.join(self.log_dir, name))
         return self._writers[name]
 
     def on_epoch_end(self, epoch, logs=None):
@@ -305,7 +305,7 @@ def run_callbacks(
     c, state = plan.config, plan.state
     clock = TrainingClock(state)
     checkpoint = AtomicModelCheckpoint(
-        os.path.join(out_dir, BEST_FILE),
+        files.join(out_dir, BEST_FILE),
         saved_model=saved_model,
         monitor="val_accuracy",
         mode="max",
@@ -318,6 +318,6 @@ def run_callbacks(
     backups = MidEpochBackup(
         state, backup_path(out_dir), plan.backup_every, plan.steps_per_epoch, clock
     )
-    summaries = EpochSummaries(os.path.join(out_dir, LOGS_DIR))
+    summaries = EpochSummaries(files.join(out_dir, LOGS_DIR))
     records.write(completed=False)  # a resumed run drops rows of epochs it redoes
     return [clock, checkpoint, records, backups, summaries], records

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from app.data import DataConfig
+from common import files
 from common.errors import UsageError
 from models import resnet
 from models.preprocessing import Preprocessing
@@ -330,7 +331,7 @@ def _check_pretrained(config: TrainConfig) -> None:
             f"has no weights for {config.model}: Keras Applications has ImageNet weights for "
             "resnet50, resnet101 and resnet152",
         )
-    if config.pretrained not in (PRETRAINED_NONE, PRETRAINED_IMAGENET) and not os.path.isfile(
+    if config.pretrained not in (PRETRAINED_NONE, PRETRAINED_IMAGENET) and not files.isfile(
         config.pretrained
     ):
         raise _bad("pretrained", config.pretrained, "is not a file; pass none, imagenet or a path")
@@ -348,9 +349,9 @@ def resolve_normalization(normalization: str, pretrained: str) -> str:
     if pretrained == PRETRAINED_IMAGENET:
         return "imagenet"
     if pretrained != PRETRAINED_NONE:
-        directory = os.path.dirname(os.path.abspath(pretrained))
-        if pretrained.endswith(".keras") and os.path.isfile(
-            os.path.join(directory, "preprocessing.json")
+        directory = files.dirname(pretrained)
+        if pretrained.endswith(".keras") and files.isfile(
+            files.join(directory, "preprocessing.json")
         ):
             return Preprocessing.load(directory).name
         from models import weights as weights_lib

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from app.training.runtime import is_chief
-from common import lock
+from common import files, lock
 from common.errors import UsageError
 
 if TYPE_CHECKING:
@@ -28,9 +27,11 @@ LOCK_FILE = "train.lock"
 
 @contextlib.contextmanager
 def training_lock(model_dir: str, strategy: tf.distribute.Strategy) -> Iterator[None]:
-    """Holds `model_dir/train.lock` (pid, host, start time) on the chief for the block.
+    """Holds `model_dir/train.lock` (pid, host, start time) on the chief for the block: a
+    file lock on a local disk, a lock object with a heartbeat in a bucket (`common.lock`).
 
-    A lock left by a run that died (kill -9, power loss) is taken over, so a rerun resumes.
+    A lock left by a run that died (kill -9, power loss) is taken over, so a rerun resumes
+    (in a bucket, once its heartbeat is `common.lock.STALE_SECONDS` old).
 
     Raises:
         common.lock.LockedError: another app.train is using `model_dir` (named).
@@ -38,7 +39,13 @@ def training_lock(model_dir: str, strategy: tf.distribute.Strategy) -> Iterator[
     if not is_chief(strategy):  # workers write only to their scratch directories
         yield
         return
-    with lock.hold(os.path.join(model_dir, LOCK_FILE), "app.train") as previous:
+    if not files.is_remote(model_dir) and lock.is_gcsfuse(model_dir):
+        print(
+            f"note: {model_dir} is on a gcsfuse mount: its {LOCK_FILE} keeps other runs on "
+            "this machine out, not runs on other machines (a gs:// --model_dir has a lock "
+            "object that does)"
+        )
+    with lock.hold(files.join(model_dir, LOCK_FILE), "app.train") as previous:
         if previous:
             print(
                 f"note: taking over {LOCK_FILE} left by app.train {lock.describe(previous)}, "

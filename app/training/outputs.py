@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import shutil
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -19,8 +17,8 @@ from app.training.backup import RunState, backup_path
 from app.training.config import BEST_FILE, FLAGS_FILE, NUM_SAMPLES, SAMPLES_FILE, TrainResult
 from app.training.plan import RunPlan
 from app.training.runtime import is_chief, worker_name
+from common import files
 from common.errors import UsageError
-from common.files import write_text
 from models.bundle import write_labels
 
 if TYPE_CHECKING:
@@ -41,13 +39,13 @@ def write_start_files(
     out_dir: str, flags_text: str, plan: RunPlan, splits: data.Splits, sample_seed: int
 ) -> None:
     """flags.txt, labels.txt, preprocessing.json and samples.png, before training."""
-    os.makedirs(out_dir, exist_ok=True)
+    files.makedirs(out_dir)
     if flags_text:
-        write_text(os.path.join(out_dir, FLAGS_FILE), flags_text)
+        files.write_text(files.join(out_dir, FLAGS_FILE), flags_text)
     write_labels(out_dir, splits.class_names)
     plan.preprocessing.save(out_dir)
     images, labels = data.sample_images(splits.train, NUM_SAMPLES, sample_seed)
-    plots.save_samples_grid(images, labels, splits.class_names, os.path.join(out_dir, SAMPLES_FILE))
+    plots.save_samples_grid(images, labels, splits.class_names, files.join(out_dir, SAMPLES_FILE))
 
 
 def summary(
@@ -64,7 +62,7 @@ def summary(
         "completed": completed,
         "best_val_accuracy": state.best,
         "best_epoch": state.best_epoch,
-        "best_path": os.path.join(c.model_dir, BEST_FILE),
+        "best_path": files.join(c.model_dir, BEST_FILE),
         "epochs_done": len(state.history),
         "epochs": c.epochs,
         "steps_per_epoch": plan.steps_per_epoch,
@@ -115,11 +113,11 @@ def finish(
     state.final_weights_sha256 = weights_digest(model)
     records.write(completed=True)
     if not c.keep_backup:
-        shutil.rmtree(os.path.dirname(backup_path(out_dir)), ignore_errors=True)
+        files.rmtree(files.dirname(backup_path(out_dir)))
     return TrainResult(
         best_val_accuracy=state.best,
         best_epoch=state.best_epoch,
-        best_path=os.path.join(c.model_dir, BEST_FILE),
+        best_path=files.join(c.model_dir, BEST_FILE),
         history=state.history,
         model_dir=c.model_dir,
         final_weights_sha256=state.final_weights_sha256,

@@ -8,7 +8,6 @@ same settings; a run with other settings is refused, the first difference named.
 from __future__ import annotations
 
 import json
-import os
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -17,6 +16,7 @@ from app.training import callbacks
 from app.training.backup import Backup, RunState, assign, backup_path, first_difference, load_backup
 from app.training.config import BEST_FILE, TrainResult
 from app.training.runtime import is_chief, worker_name
+from common import files
 from common.errors import UsageError
 
 if TYPE_CHECKING:
@@ -48,13 +48,12 @@ def find_previous_run(
 
 def _finished_run(model_dir: str, settings: dict[str, Any]) -> dict[str, Any] | None:
     """metrics.json of a finished run in `model_dir` (None if there is none)."""
-    path = os.path.join(model_dir, callbacks.METRICS_FILE)
-    if not os.path.isfile(path):
+    path = files.join(model_dir, callbacks.METRICS_FILE)
+    if not files.isfile(path):
         return None
     try:
-        with open(path) as f:
-            metrics = json.load(f)
-    except (OSError, json.JSONDecodeError):
+        metrics = json.loads(files.read_text(path))
+    except (OSError, ValueError):
         return None
     if not metrics.get("completed"):
         return None
@@ -77,7 +76,7 @@ def finished_result(
     return TrainResult(
         best_val_accuracy=metrics["best_val_accuracy"],
         best_epoch=metrics["best_epoch"],
-        best_path=os.path.join(model_dir, BEST_FILE),
+        best_path=files.join(model_dir, BEST_FILE),
         history=metrics["history"],
         model_dir=model_dir,
         final_weights_sha256=metrics["final_weights_sha256"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ import keras
 from app.training import workarounds
 from app.training.backup import backup_path
 from app.training.config import AUTO_PRECISION, PRECISIONS, STRATEGIES, TrainConfig
+from common import files
 from common.errors import UsageError, first_line
 
 if TYPE_CHECKING:
@@ -226,8 +226,9 @@ def worker_name(strategy: tf.distribute.Strategy) -> str:
 
 
 def scratch_dir(model_dir: str, strategy: tf.distribute.Strategy) -> str:
-    """The throw-away output directory of a non-chief worker."""
-    key = hashlib.sha1(os.path.abspath(model_dir).encode()).hexdigest()[:12]
+    """The throw-away output directory of a non-chief worker: a local temporary folder, also
+    when --model_dir is in a bucket (only the chief writes there)."""
+    key = hashlib.sha1(files.resolve(model_dir).encode()).hexdigest()[:12]
     task = worker_name(strategy).replace(" ", "")
     return os.path.join(tempfile.gettempdir(), f"app-train-worker-{task}-{key}")
 
@@ -243,11 +244,11 @@ def output_dir(model_dir: str, strategy: tf.distribute.Strategy) -> Iterator[str
         yield model_dir
         return
     scratch = scratch_dir(model_dir, strategy)
-    shutil.rmtree(scratch, ignore_errors=True)
+    files.rmtree(scratch)
     try:
         yield scratch
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        files.rmtree(scratch)
 
 
 def is_peer_failure(error: BaseException) -> bool:
