@@ -175,9 +175,12 @@ def isfile(path: str) -> bool:
 
 def listdir(path: str) -> list[str]:
     """Sorted names in folder `path` (folders without a trailing `/`)."""
-    if is_remote(path):
-        return sorted(name.rstrip("/") for name in _remote(path, "listdir"))
-    return sorted(os.listdir(resolve(path)))
+    if not is_remote(path):
+        return sorted(os.listdir(resolve(path)))
+    names = sorted(name.rstrip("/") for name in _remote(path, "listdir"))
+    if scheme(path) == "ram":  # lists keys by prefix: `a` shows `a.extra/x` as `.extra`
+        names = [name for name in names if _gfile().exists(join(path, name))]
+    return names
 
 
 def glob(pattern: str) -> list[str]:
@@ -262,13 +265,13 @@ def walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
     shows only once made explicitly, as `makedirs` and `write_bytes` do)."""
     if not is_remote(top):
         for folder, subfolders, names in os.walk(resolve(top)):
-            subfolders.sort()
-            yield folder, subfolders, sorted(names)
+            yield folder, sorted(subfolders), sorted(names)
         return
-    check_scheme(top)
-    with _reported(top):
-        for folder, subfolders, names in _gfile().walk(top):
-            yield folder, sorted(s.rstrip("/") for s in subfolders), sorted(names)
+    entries = [(name, isdir(join(top, name))) for name in listdir(top)]
+    yield top, [name for name, folder in entries if folder], [n for n, f in entries if not f]
+    for name, folder in entries:
+        if folder:
+            yield from walk(join(top, name))
 
 
 def relpath(path: str, start: str) -> str:
@@ -320,14 +323,8 @@ def _temp_name(path: str) -> str:
 
 def write_bytes(path: str, data: bytes, durable: bool = False) -> None:
     """Writes `data` to `path` atomically (a temporary name, then a rename over `path`),
-    creating its folder when needed.
-
-    Args:
-        path: the file to (re)write.
-        data: its new contents.
-        durable: also survive a machine loss (fsync on a local disk; an object store's
-            writes are durable once the upload returns).
-    """
+    creating its folder when needed. `durable`: also survive a machine loss (fsync on a local
+    disk; an object store's writes are durable once the upload returns)."""
     if is_remote(path):
         makedirs(dirname(path))  # ram:// lists only folders made explicitly
         tmp = _temp_name(path)

@@ -104,12 +104,15 @@ def run_main(module: str, *args: str) -> subprocess.CompletedProcess:
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
-    with program_flags(module, *args) as (program, argv):
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                cli.guarded(program.main)(argv)
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
+    with (
+        program_flags(module, *args) as (program, argv),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            cli.guarded(program.main)(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
