@@ -5,7 +5,9 @@ image pixel limit.
   `first_line`, the one useful line of a long (TensorFlow) error message.
 - `common.files`: the one file layer: local paths through the OS, remote ones (`gs://`,
   `ram://`, ...) through `tf.io.gfile`, imported only for them; crash-safe writes
-  (`atomic_path`, `write_bytes`, `write_text`, `write_json`).
-- `common.lock`: one writer per directory (`hold`, `LockedError`).
+  (`atomic_path`, `write_bytes`, `write_text`, `write_json`, `copy`).
+- `common.gcs_access`: whether `gs://` can work here (network, credentials), in seconds.
+- `common.lock`: one writer per directory (`hold`, `LockedError`): a `flock`ed file on a
+  local disk, a lock object with a heartbeat in a bucket.
 - `common.pixel_limits`: `MAX_PIXELS` and the one wording of the "too large" refusal.
 """

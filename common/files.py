@@ -278,7 +278,7 @@ def relpath(path: str, start: str) -> str:
     """`path` relative to folder `start` (`path` as given when it lies elsewhere)."""
     prefix = start.rstrip("/") + "/"
     if is_remote(path):
-        return path[len(prefix) :] if path.startswith(prefix) else path
+        return "." if path + "/" == prefix else path.removeprefix(prefix)
     return os.path.relpath(resolve(path), resolve(start))
 
 

@@ -10,10 +10,11 @@ In a bucket (`gs://`, `ram://`; any remote path) there is no `flock` and no crea
 through `tf.io.gfile`, so the lock is a best-effort lock OBJECT: its holder, a random token and
 a heartbeat time written inside it (object modification times are unreliable: `ram://` has
 none), rewritten every `HEARTBEAT_SECONDS` by a background thread (write a temporary object,
-rename it over). It is refused while its heartbeat is fresh, taken over once it is
-`STALE_SECONDS` old (the holder died without removing it). After writing its own, a holder
-reads it back `SETTLE_SECONDS` later and gives way if another run's replaced it; two runs that
-start within about that second can still both take it.
+rename it over). It is refused while its heartbeat is fresh, and taken over once it is
+`STALE_SECONDS` old (its holder died without removing it), or at once when its holder ran on
+this host and is gone (a restarted container keeps its host name). After writing its own, a
+holder reads it back `SETTLE_SECONDS` later and gives way if another run's replaced it; two
+runs that start within about that second can still both take it.
 
 Example:
 
@@ -51,6 +52,8 @@ SETTLE_SECONDS = 1.0
 GCSFUSE = "fuse.gcsfuse"
 
 log = logging.getLogger(__name__)
+# Tokens of the lock objects this process holds (a restarted container may reuse a pid).
+_HELD: set[str] = set()
 
 
 class LockedError(UsageError):
@@ -241,6 +244,16 @@ class _Heartbeat(threading.Thread):
         self.join()
 
 
+def _gone(holder: dict) -> bool:
+    """Whether a lock object's holder ran on this host and is no longer running."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        return holder.get("token") not in _HELD
+    return not _alive(pid)
+
+
 @contextlib.contextmanager
 def _hold_object(
     path: str, purpose: str, heartbeat: float, stale_after: float, settle: float
@@ -250,7 +263,7 @@ def _hold_object(
     where = files.dirname(path)
     previous = _read_object(path)
     age = heartbeat_age(previous)
-    if age is not None and age < stale_after:
+    if age is not None and age < stale_after and not _gone(previous):
         raise LockedError(
             f"{where} is in use by {previous.get('purpose', 'another run')} "
             f"{describe(previous)}, alive {age:.0f} s ago; wait for it to finish or stop it, "
@@ -268,9 +281,11 @@ def _hold_object(
         )
     beat = _Heartbeat(path, me, heartbeat)
     beat.start()
+    _HELD.add(me["token"])
     try:
         yield previous
     finally:
+        _HELD.discard(me["token"])
         beat.stop()
         if _read_object(path).get("token") == me["token"]:
             files.remove(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from common import files, lock
 from common.lock import LockedError, hold
 from export import saved_model
 from models import preprocessing
-from tests.helpers import REPO, error_lines, tiny_model
+from tests.helpers import REPO, error_lines, program_flags, tiny_model
 
 
 @pytest.fixture
@@ -31,6 +32,9 @@ def ram_root():
     tf.io.gfile.makedirs(root)
     yield root
     files.rmtree(root)
+
+
+PIPE = {"capture_output": True, "text": True, "check": True}
 
 
 def _holder(path: str) -> dict:
@@ -72,6 +76,21 @@ def test_a_stale_lock_object_is_taken_over(ram_root):
     files.write_text(path, "not json")  # unreadable: nobody can be said to hold it
     with hold(path, "app.train", settle=0) as previous:
         assert previous == {}
+
+
+def test_a_fresh_lock_object_of_a_process_gone_from_this_host_is_taken_over(ram_root):
+    """A restarted container: same host name, the old process gone (or its pid reused by
+    this one), the heartbeat still fresh."""
+    path = files.join(ram_root, "train.lock")
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **PIPE)
+    for pid in (int(ended.stdout), os.getpid()):
+        gone = {"pid": pid, "host": socket.gethostname(), "token": "old", "heartbeat": lock._now()}
+        files.write_json(path, gone)
+        with hold(path, "app.train", settle=0) as previous:
+            assert previous == gone
+    files.write_json(path, {**gone, "host": "another-host"})
+    with pytest.raises(LockedError, match="on host another-host"), hold(path, "app.train"):
+        pass
 
 
 def test_the_heartbeat_keeps_the_lock_object_fresh(ram_root):
@@ -223,3 +242,18 @@ def test_paths_that_cannot_work_are_one_line_within_seconds(tmp_path):
         for proc in running.values():
             proc.kill()
         tarpit.close()
+
+
+def test_every_command_on_the_buckets_page_parses_with_the_programs_own_flags(monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipes' --flagfile paths
+    text = (REPO / "docs" / "buckets.md").read_text()
+    commands = [
+        shlex.split(line) for line in text.splitlines() if line.startswith("python -m app.")
+    ]
+    assert {command[2] for command in commands} == {
+        "app.train", "app.evaluate", "app.predict", "app.export", "app.visualize"
+    }  # fmt: skip
+    for command in commands:
+        with program_flags(command[2], *command[3:]) as (_, argv):
+            if command[2] != "app.predict":  # the only one with arguments: its images
+                assert argv[1:] == [], command

@@ -15,6 +15,7 @@ from tests.helpers import REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 TFJOB = (REPO / "deploy" / "tfjob.yaml").read_text()
+TFJOB_BUCKET = (REPO / "deploy" / "tfjob-bucket.yaml").read_text()
 COMPOSE = (REPO / "deploy" / "serving-compose.yaml").read_text()
 
 
@@ -98,6 +99,26 @@ def test_tfjob_command_is_an_app_train_command_line():
     assert given["strategy"] in fields["strategy"].metadata["choices"]
     mount = re.search(r"\{name: runs, mountPath: (\S+)\}", TFJOB).group(1)
     assert given["model_dir"].startswith(mount + "/")
+
+
+def test_the_bucket_tfjob_is_the_volume_one_with_gs_paths_and_workload_identity():
+    """deploy/tfjob-bucket.yaml: the same job, image and flags as deploy/tfjob.yaml, but data
+    and runs in a bucket (no volume) and a Kubernetes service account for the credentials."""
+    volume, bucket = _flow_list(TFJOB, "command"), _flow_list(TFJOB_BUCKET, "command")
+    given = dict(arg[2:].split("=", 1) for arg in bucket[3:])
+    assert (
+        bucket[:3] == volume[:3]
+        and given.keys() == dict(arg[2:].split("=", 1) for arg in volume[3:]).keys()
+    )
+    assert given["data_dir"].startswith("gs://") and given["model_dir"].startswith("gs://")
+    image = re.compile(r"^\s*image: (\S+)$", re.M)
+    assert image.search(TFJOB_BUCKET).group(1) == image.search(TFJOB).group(1)
+    account = re.search(r"^\s*serviceAccountName: (\S+)", TFJOB_BUCKET, re.M).group(1)
+    assert f"kubectl create serviceaccount {account}" in TFJOB_BUCKET
+    assert f"[default/{account}]" in TFJOB_BUCKET
+    for volume_key in ("volumeMounts", "volumes", "persistentVolumeClaim"):
+        assert volume_key not in TFJOB_BUCKET
+    assert "- name: tensorflow" in TFJOB_BUCKET and "kind: TFJob" in TFJOB_BUCKET
 
 
 def test_serving_compose_pins_the_matching_release_and_the_documented_flags():

@@ -140,3 +140,25 @@ def test_local_paths_need_no_tensorflow(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_copy_walk_and_relpath_on_both_sides(ram_root, tmp_path):
+    local = tmp_path / "v" / "assets.extra" / "labels.txt"
+    local.parent.mkdir(parents=True)
+    local.write_text("cat\n")
+    (tmp_path / "v" / "assets").mkdir()  # a name that is a prefix of its sibling's
+    target = files.join(ram_root, "v", "assets.extra", "labels.txt")
+    files.copy(str(local), target)  # local -> bucket
+    files.makedirs(files.join(ram_root, "v", "assets"))
+    files.copy(target, str(tmp_path / "back.txt"))  # bucket -> local
+    assert (tmp_path / "back.txt").read_text() == "cat\n"
+    assert files.listdir(ram_root) == ["v"]  # no temporaries
+    for top in (str(tmp_path / "v"), files.join(ram_root, "v")):
+        walked = [
+            (files.relpath(folder, top), dirs, names) for folder, dirs, names in files.walk(top)
+        ]
+        assert walked == [
+            (".", ["assets", "assets.extra"], []),
+            ("assets", [], []),  # on ram:// its sibling's tail, `.extra`, is no child of it
+            ("assets.extra", [], ["labels.txt"]),
+        ], walked
