@@ -24,6 +24,9 @@ Usage:
     # runs with --model_base_path=/srv/models/resnet/saved_model
     python -m app.export --model=runs/cpu_quick/best.keras --formats=saved_model \
         --export_dir=/srv/models/resnet
+
+    # into a bucket (docs/buckets.md): TF Serving's --model_base_path=gs://b/resnet/saved_model
+    python -m app.export --model=gs://b/runs/r1/best.keras --export_dir=gs://b/resnet
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ def define_flags() -> None:
         "model", None, "The .keras model (labels.txt and preprocessing.json beside it)."
     )
     _EXPORT_DIR = flags.DEFINE_string(
-        "export_dir", None, "Output folder; default: export/ beside --model."
+        "export_dir",
+        None,
+        "Output folder, local or in a bucket (gs://...); default: export/ beside --model.",
     )
     _FORMATS = flags.DEFINE_string(
         "formats",

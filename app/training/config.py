@@ -69,7 +69,10 @@ class TrainConfig:
     """
 
     # Where
-    model_dir: str = _setting(dataclasses.MISSING, "Output folder; rerunning into it resumes.")
+    model_dir: str = _setting(
+        dataclasses.MISSING,
+        "Output folder, local or in a bucket (gs://...); rerunning into it resumes.",
+    )
     # Model
     model: str = _setting("resnet50", "ResNet depth.", choices=resnet.ARCHITECTURES)
     stem: str = _setting(
