@@ -81,7 +81,11 @@ def check_paths(argv: list[str]) -> None:
 
 def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """`main` with its paths checked first (`check_paths`) and user errors printed as
-    `error: ...` with exit code 2 (what `run` runs once absl has parsed the flags)."""
+    `error: ...` with exit code 2 (what `run` runs once absl has parsed the flags).
+
+    Bad data met inside a `tf.data` pipeline (a corrupt record, say) reaches here as a
+    TensorFlow error whose message the data layer marked: it is a user error too.
+    """
 
     def guarded_main(argv: list[str]) -> None:
         try:
@@ -89,6 +93,14 @@ def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
             main(argv)
         except user_errors() as e:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except Exception as e:
+            from app.data.types import pipeline_error
+
+            line = pipeline_error(e)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
             sys.exit(2)
 
     return guarded_main

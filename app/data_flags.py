@@ -28,7 +28,7 @@ from common.pixel_limits import MAX_PIXELS
 
 FLAGS = flags.FLAGS
 # Data flags that, when not given, default to the training run's values.
-INHERITED_DATA_FLAGS = ("dataset", "data_dir", "validation_split")
+INHERITED_DATA_FLAGS = ("dataset", "data_dir", "validation_split", "label_offset")
 
 
 def define_max_pixels_flag(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -51,8 +51,8 @@ def max_pixels_from_flags(flag_values: flags.FlagValues = FLAGS) -> int:
 
 
 def define_data_flags(flag_values: flags.FlagValues = FLAGS) -> None:
-    """Defines --dataset, --data_dir, --validation_split, --train_limit, --eval_limit and
-    --max_pixels.
+    """Defines --dataset, --data_dir, --validation_split, --train_limit, --eval_limit,
+    --max_pixels, --label_offset and --memory_budget_mb.
 
     Idempotent, so programs that share a process (tests) can each call it.
     """
@@ -69,9 +69,12 @@ def define_data_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
         "data_dir",
         None,
-        "Local data, recognised by content: cifar-10-batches-py (the CIFAR-10 python "
-        "batches), an image-folder tree (<class>/*.jpg|png, or train/<class>/... and "
-        "test/<class>/...), or a TFDS data directory holding --dataset.",
+        "The data, local or in a bucket (gs://...), recognised by content: "
+        "cifar-10-batches-py (the CIFAR-10 python batches), an image-folder tree "
+        "(<class>/*.jpg|png, or train/<class>/... and test/<class>/...), TFRecord shards "
+        "(train-00000-of-00064, ... with image/encoded and image/class/label, as "
+        "python -m app.make_shards and TF Model Garden write them), or a TFDS data "
+        "directory holding --dataset.",
         flag_values=flag_values,
     )
     flags.DEFINE_float(
@@ -97,6 +100,25 @@ def define_data_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         lower_bound=1,
         flag_values=flag_values,
     )
+    flags.DEFINE_integer(
+        "label_offset",
+        None,
+        "Subtracted from the labels of TFRecord shards: 1 for TF Model Garden's ImageNet "
+        "shards (labels 1..1000); unset: as the shards' shards.json says, else 0.",
+        lower_bound=0,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "memory_budget_mb",
+        None,
+        "The most one split may keep in memory, in MiB (decoded images, or the encoded "
+        "bytes of images of mixed sizes); a larger TFDS dataset or TFRecord shard set is "
+        "streamed from its files. Unset: min(1900, a quarter of the available RAM) at "
+        "start-up; set it when the data is near that, so that a resumed run chooses the "
+        "same. 0 streams every split that can stream.",
+        lower_bound=0,
+        flag_values=flag_values,
+    )
 
 
 def data_config_from_flags(
@@ -119,6 +141,7 @@ def data_config_from_flags(
         "dataset": dataset,
         "data_dir": flag_values["data_dir"].value or None,
         "validation_split": flag_values["validation_split"].value,
+        "label_offset": flag_values["label_offset"].value,
     }
     for name in INHERITED_DATA_FLAGS:
         if inherit and inherit.get(name, "") != "" and not flag_values[name].present:
@@ -129,6 +152,7 @@ def data_config_from_flags(
         eval_limit=flag_values["eval_limit"].value,
         seed=seed,
         max_pixels=max_pixels_from_flags(flag_values),
+        memory_budget_mb=flag_values["memory_budget_mb"].value,
     )
 
 
@@ -151,10 +175,12 @@ def read_flagfile(path: str) -> dict[str, str]:
 def training_run_flags(model_path: str) -> dict[str, object]:
     """The flags of the run that trained `model_path` (its `flags.txt`); {} when absent.
 
-    Values are strings as written, except `seed` (int) and `validation_split` (float).
+    Values are strings as written, except `seed` and `label_offset` (int) and
+    `validation_split` (float).
 
     Raises:
-        UsageError: a seed or validation fraction in flags.txt that is not a number.
+        UsageError: a seed, label offset or validation fraction in flags.txt that is not a
+            number.
     """
     # Imported here: the training library loads TensorFlow, which --help should not wait for.
     from app.training.config import FLAGS_FILE
@@ -162,12 +188,16 @@ def training_run_flags(model_path: str) -> dict[str, object]:
     path = files.join(files.dirname(model_path), FLAGS_FILE)
     trained: dict[str, object] = dict(read_flagfile(path))
     try:
-        if "seed" in trained:
-            trained["seed"] = int(trained["seed"])
+        for name in ("seed", "label_offset"):
+            if name in trained:
+                trained[name] = int(trained[name])
         if "validation_split" in trained:
             trained["validation_split"] = float(trained["validation_split"])
     except ValueError as e:
-        raise UsageError(f"bad --seed or --validation_split in the model's flags.txt ({e})") from e
+        raise UsageError(
+            f"bad --seed or --validation_split in the model's flags.txt, or its --label_offset "
+            f"({e})"
+        ) from e
     return trained
 
 
@@ -186,4 +216,5 @@ def training_data_config(model_path: str, data_dir: str | None = None) -> DataCo
         data_dir=data_dir or trained.get("data_dir") or None,
         validation_split=trained.get("validation_split", 0.1),
         seed=trained.get("seed", 0),
+        label_offset=trained.get("label_offset"),
     )

@@ -1,17 +1,19 @@
 """Reads the official CIFAR-10 python batches (`cifar-10-batches-py`) safely.
 
 The batches are pickles; a restricted unpickler refuses anything but dicts, lists, bytes
-and NumPy arrays, so a crafted file cannot run code. NumPy only, no TensorFlow.
+and NumPy arrays, so a crafted file cannot run code. NumPy only (TensorFlow's file systems
+only for a folder in a bucket, through `common.files`).
 """
 
 from __future__ import annotations
 
-import os
+import io
 import pickle
 
 import numpy as np
 
 from app.data.types import SOURCE_CIFAR_BATCHES, DataError, Examples, RawSplits
+from common import files
 
 META_FILE = "batches.meta"
 
@@ -44,8 +46,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _unpickle(path: str) -> dict:
     try:
-        with open(path, "rb") as f:
-            d = _RestrictedUnpickler(f, encoding="bytes").load()
+        d = _RestrictedUnpickler(io.BytesIO(files.read_bytes(path)), encoding="bytes").load()
     except _Refused as e:
         raise DataError(
             f"{path} is not a CIFAR python batch ({e}, which the real files never contain): "
@@ -92,7 +93,7 @@ def _read_batch(path: str, num_classes: int) -> Examples:
 
 def is_cifar_batches(folder: str) -> bool:
     """True when `folder` holds `batches.meta` (then it must be a CIFAR batches folder)."""
-    return os.path.isfile(os.path.join(folder, META_FILE))
+    return files.isfile(files.join(folder, META_FILE))
 
 
 def load_cifar_batches(folder: str) -> RawSplits:
@@ -101,22 +102,22 @@ def load_cifar_batches(folder: str) -> RawSplits:
     Raises:
         DataError: a missing, corrupt, crafted or inconsistent batch file.
     """
-    meta = _unpickle(os.path.join(folder, META_FILE))
+    meta = _unpickle(files.join(folder, META_FILE))
     if "label_names" not in meta:
         raise DataError(f"{folder}/batches.meta lacks label_names: not a CIFAR-10 batches.meta")
     class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta["label_names"]]
     train_files = sorted(
-        f for f in os.listdir(folder) if f.startswith("data_batch_") and f[11:].isdigit()
+        f for f in files.listdir(folder) if f.startswith("data_batch_") and f[11:].isdigit()
     )
     if not train_files:
         raise DataError(f"{folder} has batches.meta but no data_batch_* files; extract all of it")
     train_files.sort(key=lambda f: int(f[11:]))
-    parts = [_read_batch(os.path.join(folder, f), len(class_names)) for f in train_files]
+    parts = [_read_batch(files.join(folder, f), len(class_names)) for f in train_files]
     train = Examples(
         np.concatenate([p.labels for p in parts]),
         images=np.concatenate([p.images for p in parts]),
         origin=folder,
     )
-    test_path = os.path.join(folder, "test_batch")
-    test = _read_batch(test_path, len(class_names)) if os.path.isfile(test_path) else None
+    test_path = files.join(folder, "test_batch")
+    test = _read_batch(test_path, len(class_names)) if files.isfile(test_path) else None
     return RawSplits(train, None, test, class_names, SOURCE_CIFAR_BATCHES)

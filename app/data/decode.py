@@ -14,6 +14,7 @@ import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
 from app.data.types import DataError, Examples
+from common import files
 from common.errors import first_line
 from common.pixel_limits import MAX_PIXELS, too_large
 from export import image_header
@@ -28,8 +29,16 @@ MAX_IN_MEMORY_BYTES = 1900 << 20
 IO_THREADS = 16
 
 
-def memory_budget() -> int:
-    """Bytes of decoded images this pipeline keeps in memory."""
+# Image headers read first: when these already show mixed sizes or more than the memory
+# budget, the others are not read (a folder of a million photos starts at once).
+HEADER_SAMPLE = 64
+
+
+def memory_budget(megabytes: int | None = None) -> int:
+    """Bytes of images a split may keep in memory: `megabytes` (--memory_budget_mb) when
+    given, else min(MAX_IN_MEMORY_BYTES, MEMORY_FRACTION of the available RAM)."""
+    if megabytes is not None:
+        return int(megabytes) << 20
     try:
         import psutil
 
@@ -44,11 +53,10 @@ def _header_shape(path: str, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
         # Pillow reads only the header here. Its own bomb check (the process-wide
         # Image.MAX_IMAGE_PIXELS: a warning over it, an error over twice it) cannot be set
         # per call, so the size is checked against ours below.
-        with Image.open(path) as im:
+        with files.open_read(path) as f, Image.open(f) as im:
             w, h = im.size
     except Image.DecompressionBombError:  # over twice Pillow's limit: read the header here
-        with open(path, "rb") as f:
-            h, w = (int(n) for n in image_header.header_size(f.read()).numpy())
+        h, w = (int(n) for n in image_header.header_size(files.read_bytes(path)).numpy())
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(
             f"{path} is not a readable JPEG/PNG image ({type(e).__name__}); replace or delete it"
@@ -90,7 +98,7 @@ def size_note(examples: Examples, image_size: int, samples: int = 16) -> str | N
         picks = np.linspace(0, examples.num_examples - 1, min(samples, examples.num_examples))
         sides = [min(_header_shape(examples.files[int(i)])) for i in picks]
     else:
-        return None  # encoded TFDS bytes: their size is the dataset's, documented by TFDS
+        return None  # encoded or streamed: their size is the dataset's (TFDS documents it)
     side = float(np.median(sides))
     factor = image_size / side
     if 1 / FAR_FACTOR <= factor <= FAR_FACTOR:
@@ -106,21 +114,36 @@ def size_note(examples: Examples, image_size: int, samples: int = 16) -> str | N
     )
 
 
-def decode_if_fits(examples: Examples, fixed_shape: bool) -> Examples:
+def decode_if_fits(examples: Examples, fixed_shape: bool | None, budget: int) -> Examples:
     """Decodes files/encoded bytes once into a uint8 array when all images share a size
-    and fit in memory; otherwise returns `examples` unchanged (decoded in the pipeline)."""
-    if examples.images is not None or examples.num_examples == 0:
+    and take at most `budget` bytes; otherwise returns `examples` unchanged (decoded in the
+    pipeline).
+
+    Files: the headers of `HEADER_SAMPLE` files spread over the split are read first, and
+    the rest only when those share a size that fits. Encoded bytes: `fixed_shape` True
+    (TFDS says so) decodes the first to learn the size, None reads every header, False
+    keeps them encoded.
+    """
+    if examples.images is not None or examples.streamed or examples.num_examples == 0:
         return examples
+    n = examples.num_examples
     if examples.files is not None:
-        shapes = _header_shapes(examples.files, examples.max_pixels)
-        uniform = len(set(shapes)) == 1
-        h, w = shapes[0]
+        picks = np.unique(np.linspace(0, n - 1, min(HEADER_SAMPLE, n)).astype(np.int64))
+        sample = set(_header_shapes(examples.files[picks], examples.max_pixels))
+        h, w = next(iter(sample))
+        if len(sample) > 1 or n * h * w * 3 > budget:
+            return examples  # without reading every header
+        shapes = set(_header_shapes(examples.files, examples.max_pixels))
+        uniform = len(shapes) == 1
+    elif fixed_shape is None:
+        shapes = set(_encoded_shapes(examples))
+        uniform, (h, w) = len(shapes) == 1, next(iter(shapes))
     else:
         if not fixed_shape:
             return examples
         first = _decode_array(examples.encoded[:1], max_pixels=examples.max_pixels)
         uniform, (h, w) = True, first.shape[1:3]
-    if not uniform or examples.num_examples * h * w * 3 > memory_budget():
+    if not uniform or n * h * w * 3 > budget:
         return examples
     images = _decode_array(
         examples.files if examples.files is not None else examples.encoded,
@@ -131,6 +154,26 @@ def decode_if_fits(examples: Examples, fixed_shape: bool) -> Examples:
     return Examples(
         examples.labels, images=images, origin=examples.origin, max_pixels=examples.max_pixels
     )
+
+
+def _encoded_shapes(examples: Examples) -> list[tuple[int, int]]:
+    """(h, w) of every encoded image from its header; names one that is not an image or is
+    over the pixel limit."""
+    ds = tf.data.Dataset.from_tensor_slices(list(examples.encoded)).map(
+        image_header.header_size, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    sizes = np.concatenate(list(ds.batch(4096).as_numpy_iterator()))
+    unknown = np.flatnonzero(sizes[:, 0] < 0)
+    if unknown.size:
+        raise DataError(
+            f"{examples.origin}: encoded image #{unknown[0]} is {image_header.UNKNOWN_FORMAT}; "
+            "convert the data again"
+        )
+    for i, (h, w) in enumerate(sizes):
+        message = too_large(int(w), int(h), examples.max_pixels)
+        if message:
+            raise DataError(f"{examples.origin}: encoded image #{i}: {message}")
+    return [(int(h), int(w)) for h, w in sizes]
 
 
 def decode_image(data: tf.Tensor, max_pixels: int = MAX_PIXELS) -> tf.Tensor:

@@ -1,14 +1,19 @@
 """Reads an image-folder tree: `<class>/*.jpg|png`, or `train/`, `validation/` (or `val/`)
 and `test/` folders of those (a tree without `train/` is evaluation data). Lists files
-only; decoding happens later (`decode`)."""
+only (local or on any TensorFlow file system, through `common.files`); decoding happens
+later (`decode`). Each file costs its path and an int64 label in memory."""
 
 from __future__ import annotations
 
-import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from app.data.types import SOURCE_IMAGE_FOLDER, DataError, Examples, RawSplits
+from common import files
+
+# Parallel listings and folder checks: in a bucket each is a request.
+LIST_THREADS = 16
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # The split folders of a tree, by split; the first name present is used.
@@ -19,20 +24,32 @@ def _is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _parallel(function, items: list) -> list:
+    with ThreadPoolExecutor(LIST_THREADS) as pool:
+        return list(pool.map(function, items))
+
+
 def subdirs(path: str) -> list[str]:
-    """Sorted names of the folders in `path`, hidden (`.x`) and private (`_x`) ones left out."""
-    return sorted(
-        e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith((".", "_"))
-    )
+    """Sorted names of the folders in `path`, hidden (`.x`) and private (`_x`) ones left out.
+
+    Names that look like image files are taken for files without asking."""
+    names = [
+        n
+        for n in files.listdir(path)
+        if not n.startswith((".", "_")) and not n.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+    is_dir = _parallel(lambda n: files.isdir(files.join(path, n)), names)
+    return [n for n, d in zip(names, is_dir, strict=True) if d]
 
 
 def _split_dirs(root: str) -> dict[str, str]:
     """The split folders (`train/`, `validation/` or `val/`, `test/`) present in `root`."""
+    present = set(subdirs(root))
     found = {}
     for split, names in SPLIT_FOLDERS.items():
         for name in names:
-            if os.path.isdir(os.path.join(root, name)):
-                found[split] = os.path.join(root, name)
+            if name in present:
+                found[split] = files.join(root, name)
                 break
     return found
 
@@ -42,7 +59,7 @@ def looks_like_image_folder(root: str) -> bool:
     if _split_dirs(root):
         return True
     return any(
-        any(_is_image_file(f) for f in os.listdir(os.path.join(root, d))) for d in subdirs(root)
+        any(_is_image_file(f) for f in files.listdir(files.join(root, d))) for d in subdirs(root)
     )
 
 
@@ -52,17 +69,17 @@ def _list_classes(split_dir: str) -> tuple[list[str], list[str], list[int]]:
         raise DataError(
             f"{split_dir} has no class folders; put images in {split_dir}/<class name>/*.jpg"
         )
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        folder = os.path.join(split_dir, name)
-        names = sorted(f for f in os.listdir(folder) if _is_image_file(f))
+    folders = [files.join(split_dir, name) for name in classes]
+    listings = _parallel(lambda f: [n for n in files.listdir(f) if _is_image_file(n)], folders)
+    paths, labels = [], []
+    for label, (folder, names) in enumerate(zip(folders, listings, strict=True)):
         if not names:
             raise DataError(
                 f"class folder {folder} has no .jpg/.jpeg/.png images; add some or remove it"
             )
-        files += [os.path.join(folder, f) for f in names]
+        paths += [files.join(folder, f) for f in names]
         labels += [label] * len(names)
-    return classes, files, labels
+    return classes, paths, labels
 
 
 def load_image_folder(root: str) -> RawSplits:

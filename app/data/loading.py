@@ -1,17 +1,20 @@
 """`load`: checks the config, recognises what `data_dir` holds (TFDS data dir, CIFAR python
-batches, image folders) and hands it to that source's reader, then to `splits.finish`."""
+batches, TFRecord shards, image folders; local or on any TensorFlow file system) and hands
+it to that source's reader, then to `splits.finish`."""
 
 from __future__ import annotations
-
-import os
 
 from absl import logging
 
 from app.data import splits
 from app.data.cifar_batches import is_cifar_batches, load_cifar_batches
+from app.data.decode import memory_budget
 from app.data.image_folder import load_image_folder, looks_like_image_folder
+from app.data.shards import load_shards, shard_files
 from app.data.tfds_source import load_tfds, tfds_names
 from app.data.types import DataConfig, DataError, RawSplits, Splits
+from common import files
+from common.errors import first_line
 
 
 def load(config: DataConfig) -> Splits:
@@ -20,10 +23,28 @@ def load(config: DataConfig) -> Splits:
     Raises:
         DataError: missing or malformed data, or a bad split/limit value.
     """
+    return splits.finish(load_raw(config), config)
+
+
+def load_raw(config: DataConfig) -> RawSplits:
+    """The splits `config` names as the source holds them (`load` before `splits.finish`).
+
+    Raises:
+        DataError: missing or malformed data, or a bad setting.
+    """
     _check_config(config)
+    budget = memory_budget(config.memory_budget_mb)
     if config.data_dir is None:  # TFDS by name, downloaded on first use
-        return splits.finish(load_tfds(config.dataset, None), config)
-    return splits.finish(_load_data_dir(config), config)
+        return load_tfds(config.dataset, None, budget)
+    root = config.data_dir
+    try:
+        root = files.resolve(root)
+        return _load_data_dir(config, root, budget)
+    except (PermissionError, files.StorageError) as e:
+        raise DataError(
+            f"--data_dir {root} cannot be read ({first_line(e)}); check the path and its "
+            "permissions (or the bucket's credentials)"
+        ) from e
 
 
 def _check_config(config: DataConfig) -> None:
@@ -38,24 +59,29 @@ def _check_config(config: DataConfig) -> None:
         )
     if not isinstance(config.seed, int) or config.seed < 0:
         raise DataError(f"--seed={config.seed} must be a non-negative integer")
+    for name in ("label_offset", "memory_budget_mb"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise DataError(f"--{name}={value} must be a non-negative integer (or unset)")
 
 
-def _load_data_dir(config: DataConfig) -> RawSplits:
-    root = os.path.abspath(os.path.expanduser(config.data_dir))
-    if not os.path.exists(root):
+def _load_data_dir(config: DataConfig, root: str, budget: int) -> RawSplits:
+    if not files.exists(root):
         raise DataError(f"--data_dir {root} does not exist; pass the folder that holds the data")
-    if not os.path.isdir(root):
+    if not files.isdir(root):
         raise DataError(f"--data_dir {root} is a file, not a folder; pass the folder holding it")
+    entries = files.listdir(root)
+    if shard_files(entries):
+        return load_shards(root, config)
     if tfds_names(root):
-        return load_tfds(config.dataset, root)
+        return load_tfds(config.dataset, root, budget)
     if config.dataset != DataConfig.dataset:
         logging.warning("--dataset=%s ignored: %s is not a TFDS data dir", config.dataset, root)
-    for candidate in (root, os.path.join(root, "cifar-10-batches-py")):
+    for candidate in (root, files.join(root, "cifar-10-batches-py")):
         if is_cifar_batches(candidate):
             return load_cifar_batches(candidate)
     if looks_like_image_folder(root):
         return load_image_folder(root)
-    entries = sorted(os.listdir(root))
     found = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "") if entries else "nothing"
     hint = ""
     if any(e.endswith((".tar.gz", ".tgz", ".zip")) for e in entries):
@@ -63,6 +89,6 @@ def _load_data_dir(config: DataConfig) -> RawSplits:
     raise DataError(
         f"--data_dir {root} holds no recognised dataset (found: {found}). Looked for: "
         "cifar-10-batches-py (batches.meta + data_batch_*), a TFDS data dir "
-        "(<name>/<version>/dataset_info.json), or image folders (<class>/*.jpg|png or "
-        f"train/<class>/* + test/<class>/*){hint}"
+        "(<name>/<version>/dataset_info.json), TFRecord shards (train-00000-of-00008, ...), "
+        f"or image folders (<class>/*.jpg|png or train/<class>/* + test/<class>/*){hint}"
     )

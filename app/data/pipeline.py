@@ -1,5 +1,6 @@
 """`tf.data` pipelines from `Examples`: endless, seeded, augmented training batches that
-resume and shard exactly, and finite, in-order evaluation batches.
+resume and shard exactly, and finite, in-order evaluation batches. Streamed examples
+(TFRecord files) go through `stream`, with its own epoch order and per-worker files.
 
 TensorFlow at module level: all graph code, and `app.data` loads this module lazily.
 """
@@ -9,19 +10,34 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from app.data import stream
 from app.data.augment import RANDOM_PER_EXAMPLE, augment_one, pad_crop_flip_batch
 from app.data.decode import decode_image
 from app.data.types import DataError, Examples
 from models.preprocessing import Preprocessing, resize
 
 
-def steps_per_epoch(examples: Examples, global_batch_size: int) -> int:
+def steps_per_epoch(examples: Examples, global_batch_size: int, input_pipelines: int = 1) -> int:
     """Full global batches per epoch (the last partial batch is dropped in training).
+
+    Examples in memory: n // G, whatever the pipelines. Streamed ones: every one of the
+    `input_pipelines` (workers) reads its own files and makes as many batches as the one
+    with the fewest records (`stream.steps_per_epoch`).
 
     Raises:
         DataError: fewer examples than one global batch.
     """
-    steps = examples.num_examples // global_batch_size
+    if examples.streamed:
+        steps = stream.steps_per_epoch(examples.records, global_batch_size, input_pipelines)
+        if steps < 1 and examples.num_examples >= global_batch_size:
+            raise DataError(
+                f"{examples.origin}: the worker with the fewest records of the "
+                f"{input_pipelines} has fewer than its part of one batch of {global_batch_size}; "
+                "write more, evener shards (python -m app.make_shards --shards=N) or lower "
+                "--batch_size"
+            )
+    else:
+        steps = examples.num_examples // global_batch_size
     if steps < 1:
         raise DataError(
             f"{examples.origin}: {examples.num_examples} training examples are fewer than one "
@@ -76,6 +92,7 @@ def train_dataset(
     input pipeline (per `input_context`) yields its contiguous slice of it as per-replica
     batches. Augmentation of the example at position p of epoch e is a pure function of
     (seed, e, p). The dataset starts at batch `start_step` of epoch `start_epoch`.
+    Streamed examples: each pipeline reads its own files (`stream`).
 
     Args:
         examples: the training split.
@@ -89,10 +106,25 @@ def train_dataset(
     Raises:
         DataError: fewer examples than one global batch.
     """
-    steps = steps_per_epoch(examples, global_batch_size)
+    pipelines, pipeline_id, per_replica, _ = _pipeline_layout(global_batch_size, input_context)
+    steps = steps_per_epoch(examples, global_batch_size, pipelines)
     if not 0 <= start_step < steps or start_epoch < 0:
         raise ValueError(f"start_step {start_step} not in [0, {steps}) or start_epoch < 0")
-    pipelines, pipeline_id, per_replica, _ = _pipeline_layout(global_batch_size, input_context)
+    if examples.streamed:
+        ds = stream.train_records(
+            examples,
+            preprocessing,
+            seed=seed,
+            augment=augment,
+            start_epoch=start_epoch,
+            start_step=start_step,
+            steps=steps,
+            pipelines=pipelines,
+            pipeline_id=pipeline_id,
+            per_replica=per_replica,
+            per_pipeline=global_batch_size // pipelines,
+        )
+        return _finish_dataset(ds, input_context)
     n, size = examples.num_examples, preprocessing.image_size
     k = RANDOM_PER_EXAMPLE
     source = _source_tensor(examples)
@@ -162,6 +194,11 @@ def eval_dataset(
     slice of every global batch.
     """
     pipelines, pipeline_id, per_replica, _ = _pipeline_layout(global_batch_size, input_context)
+    if examples.streamed:
+        ds = stream.eval_records(
+            examples, preprocessing, global_batch_size, pipelines, pipeline_id, per_replica
+        )
+        return _finish_dataset(ds, input_context)
     n, size = examples.num_examples, preprocessing.image_size
     order = np.arange(n)
     if pipelines > 1:

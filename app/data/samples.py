@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
+from app.data import stream
 from app.data.decode import decode_image
 from app.data.types import Examples
 
@@ -19,7 +20,13 @@ def sample_images(
     """`n` seeded random examples as stored: (uint8 RGB images, int64 labels).
 
     Images come back as one array when they share a size, else as a list of arrays.
+    Streamed examples: the first record of `n` seeded files (reads `n` records).
     """
+    if examples.streamed:
+        ranges = stream.sample_ranges(examples.records, n, seed)
+        encoded, labels = next(stream.encoded_batches(examples.records, max(1, n), ranges))
+        images = [decode_image(e, examples.max_pixels).numpy() for e in encoded]
+        return (np.stack(images) if len({im.shape for im in images}) == 1 else images), labels
     rng = np.random.default_rng([seed, 7])
     idx = rng.choice(examples.num_examples, size=min(n, examples.num_examples), replace=False)
     picked = examples.subset(idx)
@@ -36,7 +43,12 @@ def sample_images(
 
 def stored_batches(examples: Examples, batch_size: int) -> Iterator[tuple[list, np.ndarray]]:
     """Yields (uint8 RGB images as stored, int64 labels) in order, `batch_size` at a time;
-    files and encoded bytes are decoded a batch at a time, and sizes may differ."""
+    files, encoded bytes and streamed records are decoded a batch at a time, and sizes may
+    differ."""
+    if examples.streamed:
+        for encoded, labels in stream.encoded_batches(examples.records, batch_size):
+            yield [decode_image(e, examples.max_pixels).numpy() for e in encoded], labels
+        return
     for start in range(0, examples.num_examples, batch_size):
         stop = min(start + batch_size, examples.num_examples)
         if examples.images is not None:

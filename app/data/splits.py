@@ -1,14 +1,22 @@
 """From what a source holds to `Splits`: check labels, hold out validation, apply the limits
-(all seeded and stratified), then decode what fits in memory."""
+(all seeded and stratified), then decode what fits in memory.
+
+Streamed splits (TFRecord files) have no labels in memory: their hold-out is by position
+(the last `validation_split` of every file's records, as TFDS's `train[90%:]`), their
+limits take the first records of every file in proportion, and a split whose files fit
+the memory budget is read into memory here and treated as encoded images.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
-from app.data.decode import decode_if_fits
-from app.data.types import DataConfig, DataError, Examples, RawSplits, Splits
+from app.data import stream
+from app.data.decode import decode_if_fits, memory_budget
+from app.data.types import DataConfig, DataError, Examples, RawSplits, RecordFile, Splits
 
 
 def _stratified_pick(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -24,6 +32,36 @@ def _stratified_pick(labels: np.ndarray, k: int, rng: np.random.Generator) -> np
     return np.sort(np.lexsort((rng.random(len(labels)), quantile))[:k])
 
 
+def _part(f: RecordFile, skip: int, take: int) -> RecordFile:
+    return RecordFile(f.path, skip, take, f.num_bytes * take // max(1, f.take))
+
+
+def _holdout_records(examples: Examples, fraction: float) -> tuple[Examples, Examples]:
+    """(train, validation): the last `fraction` of every file's records is validation."""
+    train, validation = [], []
+    for f in examples.records.files:
+        held = round(fraction * f.take)
+        train.append(_part(f, f.skip, f.take - held))
+        validation.append(_part(f, f.skip + f.take - held, held))
+    return tuple(
+        dataclasses.replace(examples, records=examples.records.with_files(parts))
+        for parts in (train, validation)
+    )
+
+
+def _limit_records(examples: Examples, limit: int) -> Examples:
+    """The first records of every file, `limit` in all, in proportion to the files' sizes
+    (largest remainders first)."""
+    files, n = examples.records.files, examples.num_examples
+    shares = [limit * f.take / n for f in files]
+    takes = [math.floor(s) for s in shares]
+    by_remainder = sorted(range(len(files)), key=lambda i: (takes[i] - shares[i], i))
+    for i in by_remainder[: limit - sum(takes)]:
+        takes[i] += 1
+    parts = [_part(f, f.skip, t) for f, t in zip(files, takes, strict=True)]
+    return dataclasses.replace(examples, records=examples.records.with_files(parts))
+
+
 def _holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split of indices into (train, validation); a pure function of seed."""
     n = len(labels)
@@ -35,6 +73,8 @@ def _limit(examples: Examples, limit: int | None, seed: int, salt: int) -> Examp
     """At most `limit` examples: a seeded, stratified subset, kept in stored order."""
     if limit is None or limit >= examples.num_examples:
         return examples
+    if examples.streamed:
+        return _limit_records(examples, limit)
     return examples.subset(
         _stratified_pick(examples.labels, limit, np.random.default_rng([seed, salt]))
     )
@@ -58,11 +98,20 @@ def _evaluation_only(raw: RawSplits, config: DataConfig) -> RawSplits | None:
     return RawSplits(empty, validation, test, raw.class_names, raw.source, raw.fixed_shape)
 
 
-def finish(raw: RawSplits, config: DataConfig) -> Splits:
-    """`raw` checked, with validation held out (when it has none), limited and decoded.
+def read_if_fits(examples: Examples, budget: int) -> Examples:
+    """Streamed `examples` whose files take at most `budget` bytes, read into memory as
+    encoded images (decoded next, if they share a size and fit); others unchanged."""
+    if not examples.streamed or examples.records.num_bytes > budget:
+        return examples
+    parts = list(stream.encoded_batches(examples.records, 4096))
+    empty = np.zeros(0, object), np.zeros(0, np.int64)
+    encoded, labels = (np.concatenate(x) for x in zip(*parts, strict=True)) if parts else empty
+    return Examples(labels, encoded=encoded, origin=examples.origin, max_pixels=examples.max_pixels)
 
-    Evaluation data (`_evaluation_only`) gets empty train and, when it has none of its
-    own, empty validation splits; training on it fails for want of examples.
+
+def hold_out(raw: RawSplits, config: DataConfig) -> tuple[RawSplits, bool]:
+    """`raw` with validation held out of train when it has none (or as evaluation data),
+    and whether it was; no limits, nothing decoded (`app.make_shards` writes this).
 
     Raises:
         DataError: an empty split, a label out of range, or a hold-out that leaves a split empty.
@@ -73,6 +122,8 @@ def finish(raw: RawSplits, config: DataConfig) -> Splits:
             continue
         if ex.num_examples == 0:
             raise DataError(f"{ex.origin} holds no examples")
+        if ex.streamed:
+            continue  # labels are checked as the records are read
         bad = np.flatnonzero((ex.labels < 0) | (ex.labels >= num_classes))
         if bad.size:
             raise DataError(
@@ -89,22 +140,43 @@ def finish(raw: RawSplits, config: DataConfig) -> Splits:
                 f"--validation_split={config.validation_split}: {train.origin} has no "
                 "validation split, so a fraction in (0, 1) of train is held out; pass e.g. 0.1"
             )
-        t, v = _holdout(train.labels, config.validation_split, config.seed)
-        if len(v) == 0 or len(t) == 0:
+        if train.streamed:
+            train, validation = _holdout_records(train, config.validation_split)
+        else:
+            t, v = _holdout(train.labels, config.validation_split, config.seed)
+            train, validation = train.subset(t), train.subset(v)
+        if validation.num_examples == 0 or train.num_examples == 0:
             raise DataError(
                 f"--validation_split={config.validation_split} leaves "
-                f"{len(t)} train / {len(v)} validation examples of {train.num_examples}; "
-                "choose a fraction that leaves both non-empty"
+                f"{train.num_examples} train / {validation.num_examples} validation examples "
+                f"of {raw.train.num_examples}; choose a fraction that leaves both non-empty"
             )
-        train, validation = train.subset(t), train.subset(v)
+    return dataclasses.replace(raw, train=train, validation=validation), held_out
+
+
+def finish(raw: RawSplits, config: DataConfig) -> Splits:
+    """`raw` checked, with validation held out (when it has none), limited, and decoded or
+    read into memory as far as it fits (`config.memory_budget_mb`).
+
+    Evaluation data (`_evaluation_only`) gets empty train and, when it has none of its
+    own, empty validation splits; training on it fails for want of examples.
+
+    Raises:
+        DataError: an empty split, a label out of range, or a hold-out that leaves a split empty.
+    """
+    raw, held_out = hold_out(raw, config)
     # Salts 1-3: the limits of train, validation and test are independent draws.
-    train = _limit(train, config.train_limit, config.seed, 1)
-    validation = _limit(validation, config.eval_limit, config.seed, 2)
+    train = _limit(raw.train, config.train_limit, config.seed, 1)
+    validation = _limit(raw.validation, config.eval_limit, config.seed, 2)
     test = _limit(raw.test, config.eval_limit, config.seed, 3) if raw.test is not None else None
+    budget = memory_budget(config.memory_budget_mb)
+
+    def in_memory(ex: Examples) -> Examples:
+        ex = dataclasses.replace(ex, max_pixels=config.max_pixels)
+        read = read_if_fits(ex, budget)
+        return decode_if_fits(read, None if read is not ex else raw.fixed_shape, budget)
+
     train, validation, test = (
-        None
-        if ex is None
-        else decode_if_fits(dataclasses.replace(ex, max_pixels=config.max_pixels), raw.fixed_shape)
-        for ex in (train, validation, test)
+        None if ex is None else in_memory(ex) for ex in (train, validation, test)
     )
     return Splits(train, validation, test, raw.class_names, raw.source, held_out)

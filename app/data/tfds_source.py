@@ -1,16 +1,31 @@
-"""Reads a TensorFlow Datasets dataset, by name (downloaded on first use) or from a local
-TFDS data directory, keeping the images encoded; `tensorflow_datasets` is imported only here."""
+"""Reads a TensorFlow Datasets dataset, by name (downloaded on first use) or from a TFDS
+data directory (local or in a bucket), keeping the images encoded: in memory when the
+dataset fits the memory budget, else streamed from its TFRecord files;
+`tensorflow_datasets` is imported only here.
+
+Streaming reads TFDS's files itself, from each split's `file_instructions` (path, skip,
+take): the files `tfds.ReadConfig(input_context=...)` would give each worker, in an
+order of our own. TFDS's shuffle is the k-th draw of a seed generator (not a function
+of the epoch, so not resumable), and its sharding raises with fewer files than workers.
+"""
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 
-from app.data.decode import memory_budget
 from app.data.image_folder import subdirs
-from app.data.types import SOURCE_TFDS, SPLITS, DataError, Examples, RawSplits
+from app.data.types import (
+    SOURCE_TFDS,
+    SPLITS,
+    DataError,
+    Examples,
+    RawSplits,
+    RecordFile,
+    RecordSet,
+)
+from common import files
 from common.errors import first_line
 
 # Probed before TFDS downloads (its mirror of most datasets is there): offline or behind a
@@ -27,17 +42,17 @@ def tfds_names(root: str) -> list[str]:
     def has_version(path: str) -> bool:
         return any(
             re.fullmatch(r"\d+\.\d+\.\d+", v)
-            and os.path.isfile(os.path.join(path, v, "dataset_info.json"))
+            and files.isfile(files.join(path, v, "dataset_info.json"))
             for v in subdirs(path)
         )
 
     names = []
     for name in subdirs(root):
-        path = os.path.join(root, name)
+        path = files.join(root, name)
         if has_version(path):
             names.append(name)
             continue
-        names += [f"{name}/{c}" for c in subdirs(path) if has_version(os.path.join(path, c))]
+        names += [f"{name}/{c}" for c in subdirs(path) if has_version(files.join(path, c))]
     return names
 
 
@@ -66,15 +81,16 @@ def check_network(name: str) -> None:
         ) from e
 
 
-def load_tfds(name: str, data_dir: str | None) -> RawSplits:
-    """Splits train/validation/test of TFDS dataset `name` as encoded images in memory.
+def load_tfds(name: str, data_dir: str | None, budget: int) -> RawSplits:
+    """Splits train/validation/test of TFDS dataset `name` as encoded images: in memory
+    when the dataset takes at most `budget` bytes, else streamed (`RecordSet`s).
 
     `data_dir` None: the default TFDS directory, downloading and preparing on first use;
-    otherwise a local TFDS data dir, never downloaded into.
+    otherwise a TFDS data dir, never downloaded into.
 
     Raises:
-        DataError: unknown or unprepared dataset, failed download, too big for memory,
-            or not an image-classification dataset.
+        DataError: unknown or unprepared dataset, failed download, not an
+            image-classification dataset, or too big for memory and not in TFRecord files.
     """
     import tensorflow_datasets as tfds
 
@@ -108,12 +124,6 @@ def load_tfds(name: str, data_dir: str | None) -> RawSplits:
             f"`tfds build {name} --data_dir={data_dir}`"
         )
     info = builder.info
-    if info.dataset_size and int(info.dataset_size) > memory_budget():
-        raise DataError(
-            f"TFDS {name} is {int(info.dataset_size) >> 20} MiB, more than this pipeline keeps "
-            "in memory; export it as an image folder (train/<class>/*.jpg) and pass that as "
-            "--data_dir"
-        )
     features = info.features
     image_key, label_key = info.supervised_keys or ("image", "label")
     if image_key not in features or label_key not in features:
@@ -122,6 +132,8 @@ def load_tfds(name: str, data_dir: str | None) -> RawSplits:
     class_names = list(getattr(label_feature, "names", None) or [])
     if not class_names:
         raise DataError(f"TFDS {name}: label feature {label_key} has no class names")
+    if info.dataset_size and int(info.dataset_size) > budget:
+        return _streamed(builder, name, where, image_key, label_key, class_names)
     splits = {}
     for split in SPLITS:
         if split not in info.splits:
@@ -149,4 +161,41 @@ def load_tfds(name: str, data_dir: str | None) -> RawSplits:
         class_names,
         SOURCE_TFDS,
         fixed_shape=None not in features[image_key].shape,
+    )
+
+
+def _streamed(builder, name: str, where: str, image_key: str, label_key: str, class_names):
+    """The splits as `RecordSet`s over the dataset's own TFRecord files."""
+    info = builder.info
+    file_format = str(getattr(info, "file_format", "tfrecord") or "tfrecord")
+    if "tfrecord" not in file_format.lower():
+        raise DataError(
+            f"TFDS {name} is {int(info.dataset_size) >> 20} MiB, more than fits in memory, and "
+            f"stored as {file_format}: only TFRecord files are streamed; prepare it again "
+            f"with file_format=tfrecord, or convert it (python -m app.make_shards)"
+        )
+    splits = {}
+    for split in SPLITS:
+        if split not in info.splits:
+            continue
+        s = info.splits[split]
+        per_record = int(s.num_bytes) / max(1, int(s.num_examples))
+        ranges = tuple(
+            RecordFile(str(fi.filename), int(fi.skip), int(fi.take), round(per_record * fi.take))
+            for fi in s.file_instructions
+        )
+        splits[split] = Examples(
+            None,
+            records=RecordSet(ranges, len(class_names), image_key, label_key),
+            origin=f"{where}: {name}[{split}]",
+        )
+    if "train" not in splits:
+        raise DataError(f"TFDS {name} has no 'train' split (it has {', '.join(info.splits)})")
+    return RawSplits(
+        splits["train"],
+        splits.get("validation"),
+        splits.get("test"),
+        class_names,
+        SOURCE_TFDS,
+        fixed_shape=False,
     )
