@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from app import data
 from app.training.plan import RunPlan
-from app.training.runtime import is_distributed
+from app.training.runtime import is_distributed, is_multi_worker
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -19,6 +19,14 @@ def _dataset(strategy: tf.distribute.Strategy, make: Callable[[Any], tf.data.Dat
     if is_distributed(strategy):
         return strategy.distribute_datasets_from_function(make)
     return make(None)
+
+
+def input_pipelines(strategy: tf.distribute.Strategy) -> int:
+    """The input pipelines `fit` reads through: one per worker of a multi-worker job."""
+    if not is_multi_worker(strategy):
+        return 1
+    spec = strategy.cluster_resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs)
 
 
 def train_input(strategy: tf.distribute.Strategy, splits: data.Splits, plan: RunPlan):

@@ -92,7 +92,7 @@ def train(
 
         # Data.
         splits = data.load(data_config)
-        plan = RunPlan.make(config, splits, settings, backup)
+        plan = RunPlan.make(config, splits, settings, backup, inputs.input_pipelines(strategy))
         if chief:
             print("\n".join(describe(plan, splits, strategy, backup)), flush=True)
 

@@ -62,6 +62,7 @@ class RunPlan:
     schedule: keras.optimizers.schedules.LearningRateSchedule
     state: RunState
     resumed_from: tuple[int, int] | None  # (epoch, step) of the backup resumed from
+    input_pipelines: int = 1  # workers, each reading its own files of streamed data
 
     @classmethod
     def make(
@@ -70,13 +71,15 @@ class RunPlan:
         splits: data.Splits,
         settings: dict[str, Any],
         backup: Backup | None,
+        input_pipelines: int = 1,
     ) -> RunPlan:
-        """Sizes the run on `splits`, from the start or from `backup`.
+        """Sizes the run on `splits`, from the start or from `backup`; `input_pipelines`
+        (the workers) matter to streamed data, where each reads its own files.
 
         Raises:
             app.data.DataError: the training split makes no full batch.
         """
-        steps_per_epoch = data.steps_per_epoch(splits.train, config.batch_size)
+        steps_per_epoch = data.steps_per_epoch(splits.train, config.batch_size, input_pipelines)
         spe = effective_steps_per_execution(config.steps_per_execution, steps_per_epoch)
         backup_every = config.backup_every_steps
         if backup_every and backup_every % spe:
@@ -98,6 +101,7 @@ class RunPlan:
             ),
             state=state,
             resumed_from=(state.epoch, state.step) if backup is not None else None,
+            input_pipelines=input_pipelines,
         )
 
     @property
@@ -140,6 +144,13 @@ def describe(
         f"{c.batch_size} images, {strategy.num_replicas_in_sync} replica(s) "
         f"({type(strategy).__name__})" + (f", steps_per_execution {spe}" if spe > 1 else ""),
     ]
+    if splits.train.streamed:
+        used = plan.steps_per_epoch * c.batch_size
+        lines.append(
+            f"streamed: {plan.input_pipelines} worker(s), each reading its own TFRecord files; "
+            f"an epoch trains on {used} of the {splits.train.num_examples} examples (the "
+            "others, at the end of some worker's seeded order, wait for the next epoch)"
+        )
     size_note = data.size_note(splits.train, c.image_size)
     if size_note:
         lines.append(f"note: {size_note}")
