@@ -255,6 +255,61 @@ def write_folder(root, classes=("cat", "dog"), per_class: int = 5, size: int = 8
             write_png(root / c / f"{i}.{ext}", image)
 
 
+# --- data: TFRecord shards ---------------------------------------------------------------
+
+
+def numbered_image(i: int, size: int = 8) -> np.ndarray:
+    """An image that says which example it is: pixel (0, 0) holds (i % 256, i // 256, 7)."""
+    image = np.full((size, size, 3), 7, np.uint8)
+    image[..., 0], image[..., 1] = i % 256, i // 256
+    return image
+
+
+def image_number(pixels) -> np.ndarray:
+    """The example numbers of images (uint8 or float, [..., h, w, 3]) of `numbered_image`."""
+    pixels = np.asarray(pixels)
+    return (np.round(pixels[..., 0, 0, 0]) + 256 * np.round(pixels[..., 0, 0, 1])).astype(int)
+
+
+def shard_record(encoded: bytes, label: int, extra_bytes: int = 0, **features) -> bytes:
+    """A `tf.train.Example` with Model Garden's keys (and `extra_bytes` of filler)."""
+    feature = {
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    }
+    if extra_bytes:
+        filler = np.random.default_rng(label).bytes(extra_bytes)
+        feature["filler"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[filler]))
+    for key, value in features.items():
+        feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_shards(
+    root, sizes, split: str = "train", first: int = 0, classes: int = 3, size: int = 8,
+    extra_bytes: int = 0, labels_txt: bool = True,
+) -> list[int]:  # fmt: skip
+    """Shards `<split>-0000k-of-0000n` of `sizes[k]` numbered PNG images each (numbers from
+    `first`, label = number % classes), and labels.txt; no shards.json. Returns the numbers."""
+    from common import files
+
+    numbers, n = [], first
+    for k, count in enumerate(sizes):
+        path = files.join(str(root), f"{split}-{k:05d}-of-{len(sizes):05d}")
+        files.makedirs(str(root))
+        with tf.io.TFRecordWriter(path) as writer:
+            for _ in range(count):
+                encoded = tf.io.encode_png(numbered_image(n, size)).numpy()
+                writer.write(shard_record(encoded, n % classes, extra_bytes))
+                numbers.append(n)
+                n += 1
+    if labels_txt:
+        files.write_text(
+            files.join(str(root), "labels.txt"), "".join(f"c{i}\n" for i in range(classes))
+        )
+    return numbers
+
+
 def serve_predict_request(signatures, request):
     """What TF Serving does with a gRPC `PredictRequest`: TensorProtos in, the named
     signature of a loaded SavedModel, TensorProtos out (a `PredictResponse`)."""

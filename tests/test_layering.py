@@ -27,6 +27,7 @@ PROGRAMS = {
     "app.predict",
     "app.export",
     "app.visualize",
+    "app.make_shards",
 }
 # What each layer may import from this repository.
 ALLOWED = {

@@ -1,20 +1,25 @@
-"""The input pipeline: load a dataset from TFDS, CIFAR python batches or an image folder,
-then feed it to training and evaluation through `tf.data`.
+"""The input pipeline: load a dataset from TFDS, CIFAR python batches, an image folder or
+TFRecord shards (local or in a bucket), then feed it to training and evaluation through
+`tf.data`.
 
 Two layers:
 
 * `load(DataConfig) -> Splits` finds and reads the data once. Images that share one size
-  and fit comfortably in memory are decoded ONCE, in parallel, into a uint8 array (CIFAR-10:
+  and fit the memory budget are decoded ONCE, in parallel, into a uint8 array (CIFAR-10:
   150 MB); others stay as file paths or encoded bytes and are decoded in the pipeline.
+  TFRecord shards and TFDS datasets over the budget are streamed: only where their records
+  are is held (`RecordSet`).
 * `train_dataset` / `eval_dataset` turn `Examples` into batches. The order and the
   augmentation of training epoch `e` are pure functions of `(seed, e)` (stateless random
-  ops), so a resumed run and a multi-worker run see exactly the batches of an
-  uninterrupted single-process run.
+  ops), so a resumed run sees exactly the batches of an uninterrupted one; in memory, a
+  multi-worker run sees those of a single process too. Streamed, each worker reads its
+  own files (`stream`).
 
-Modules: `types` (DataConfig, DataError, Examples, Splits), `loading` (`load`: which
-source), the sources `cifar_batches`, `image_folder` and `tfds_source`, `splits` (hold-out
-and limits), `decode` (decode once into memory), `augment`, `pipeline` (`train_dataset`,
-`eval_dataset`) and `samples` (`sample_images`, `stored_batches`).
+Modules: `types` (DataConfig, DataError, Examples, RecordSet, Splits), `loading` (`load`:
+which source), the sources `cifar_batches`, `image_folder`, `tfds_source` and `shards`,
+`splits` (hold-out and limits), `decode` (decode once into memory), `augment`, `pipeline`
+(`train_dataset`, `eval_dataset`), `stream` (the same from TFRecord files) and `samples`
+(`sample_images`, `stored_batches`).
 
 Example (from the repository root):
 
@@ -34,10 +39,13 @@ from app.data.types import (
     SOURCE_CIFAR_BATCHES,
     SOURCE_IMAGE_FOLDER,
     SOURCE_TFDS,
+    SOURCE_TFRECORD,
     SPLITS,
     DataConfig,
     DataError,
     Examples,
+    RecordFile,
+    RecordSet,
     Splits,
 )
 
@@ -79,10 +87,13 @@ __all__ = (
     "SOURCE_CIFAR_BATCHES",
     "SOURCE_IMAGE_FOLDER",
     "SOURCE_TFDS",
+    "SOURCE_TFRECORD",
     "SPLITS",
     "DataConfig",
     "DataError",
     "Examples",
+    "RecordFile",
+    "RecordSet",
     "Splits",
     "eval_dataset",
     "load",

@@ -214,14 +214,14 @@ def _decode_array(
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
         # In order (deterministic): the bad one is in the chunk that failed. Find it.
         for i in range(done, min(done + chunk, n)):
-            _check_decodes(sources[i] if is_file else None, sources[i], out, i, max_pixels)
+            check_decodes(sources[i] if is_file else None, sources[i], out, i, max_pixels)
         raise DataError(f"images of {sources[0]}... could not be decoded: {first_line(e)}") from e
     if shape is not None and out.shape[1:3] != tuple(shape):
         raise DataError(f"decoded images are {out.shape[1:3]}, expected {shape}")
     return out
 
 
-def _check_decodes(
+def check_decodes(
     path: str | None, source, out: np.ndarray | None, i: int, max_pixels: int
 ) -> None:
     """Raises a DataError naming image `i` if it does not decode to the batch's size."""

@@ -35,6 +35,8 @@ from common.errors import first_line
 SHARD_NAME = re.compile(r"^(train|validation|test)-(\d{5,})-of-(\d{5,})(\.tfrecords?)?$")
 INDEX_FILE = "shards.json"
 LABELS_FILE = "labels.txt"
+# What app.make_shards leaves while it writes: its settings, so that a rerun continues.
+PROGRESS_FILE = ".make_shards.json"
 INDEX_FORMAT = "tfrecord-image-classification"
 IMAGE_KEY = "image/encoded"
 LABEL_KEY = "image/class/label"
@@ -56,7 +58,7 @@ def shard_files(names: list[str]) -> dict[str, list[str]]:
     return found
 
 
-def _check_numbering(root: str, split: str, names: list[str]) -> None:
+def check_numbering(root: str, split: str, names: list[str]) -> None:
     """Refuses a split whose shards do not number 0..N-1 of one N."""
     counts = {int(SHARD_NAME.match(n).group(3)) for n in names}
     if len(counts) > 1:
@@ -196,10 +198,13 @@ def _class_names(root: str, records: dict[str, RecordSet], offset: int) -> list[
     )  # fmt: skip
     missing = [i for i in range(max(texts, default=-1) + 1) if not texts.get(i)]
     if not texts or missing:
+        hint = ""
+        if missing == [0]:
+            hint = f" (its labels start at {offset + 1}: pass --label_offset={offset + 1})"
         raise DataError(
             f"{root} has no {LABELS_FILE}, and its records name no class for label "
-            f"{missing[0] + offset if missing else offset} in {TEXT_KEY}; write {path} with "
-            f"one class name a line (line i names label i + --label_offset={offset})"
+            f"{missing[0] + offset if missing else offset} in {TEXT_KEY}{hint}; write {path} "
+            f"with one class name a line (line i names label i + --label_offset={offset})"
         )
     return [texts[i] for i in range(len(texts))]
 
@@ -231,10 +236,17 @@ def load_shards(root: str, config: DataConfig) -> RawSplits:
         DataError: a shard missing from its numbering, records with other keys, no class
             names, or an index that does not match the files.
     """
-    by_split = shard_files(files.listdir(root))
+    names = files.listdir(root)
+    unfinished = PROGRESS_FILE in names or (INDEX_FILE in names and LABELS_FILE not in names)
+    if unfinished:  # app.make_shards writes labels.txt last
+        raise DataError(
+            f"{root} holds an unfinished conversion (app.make_shards writes {LABELS_FILE} "
+            "last); rerun the same python -m app.make_shards command to finish it"
+        )
+    by_split = shard_files(names)
     index = _read_index(root)
     for split, names in by_split.items():
-        _check_numbering(root, split, names)
+        check_numbering(root, split, names)
     offset = config.label_offset
     if offset is None:
         offset = int((index or {}).get("label_offset", 0))

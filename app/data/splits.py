@@ -165,10 +165,7 @@ def finish(raw: RawSplits, config: DataConfig) -> Splits:
         DataError: an empty split, a label out of range, or a hold-out that leaves a split empty.
     """
     raw, held_out = hold_out(raw, config)
-    # Salts 1-3: the limits of train, validation and test are independent draws.
-    train = _limit(raw.train, config.train_limit, config.seed, 1)
-    validation = _limit(raw.validation, config.eval_limit, config.seed, 2)
-    test = _limit(raw.test, config.eval_limit, config.seed, 3) if raw.test is not None else None
+    raw = limit(raw, config)
     budget = memory_budget(config.memory_budget_mb)
 
     def in_memory(ex: Examples) -> Examples:
@@ -177,6 +174,17 @@ def finish(raw: RawSplits, config: DataConfig) -> Splits:
         return decode_if_fits(read, None if read is not ex else raw.fixed_shape, budget)
 
     train, validation, test = (
-        None if ex is None else in_memory(ex) for ex in (train, validation, test)
+        None if ex is None else in_memory(ex) for ex in (raw.train, raw.validation, raw.test)
     )
     return Splits(train, validation, test, raw.class_names, raw.source, held_out)
+
+
+def limit(raw: RawSplits, config: DataConfig) -> RawSplits:
+    """`raw` (after `hold_out`) within --train_limit and --eval_limit."""
+    # Salts 1-3: the limits of train, validation and test are independent draws.
+    return dataclasses.replace(
+        raw,
+        train=_limit(raw.train, config.train_limit, config.seed, 1),
+        validation=_limit(raw.validation, config.eval_limit, config.seed, 2),
+        test=None if raw.test is None else _limit(raw.test, config.eval_limit, config.seed, 3),
+    )

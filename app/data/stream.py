@@ -303,6 +303,17 @@ def encoded_batches(
         raise DataError(pipeline_error(e) or f"{records.files[0].path}...: {e}") from e
 
 
+def slice_ranges(records: RecordSet, start: int, stop: int) -> list[RecordFile]:
+    """Records [start, stop) of the split, in stored order, as ranges of its files."""
+    out, offset = [], 0
+    for f in records.files:
+        low, high = max(start, offset), min(stop, offset + f.take)
+        if high > low:
+            out.append(RecordFile(f.path, f.skip + low - offset, high - low, 0))
+        offset += f.take
+    return out
+
+
 def sample_ranges(records: RecordSet, n: int, seed: int) -> list[RecordFile]:
     """One record from each of `n` seeded files (cycling when there are fewer files)."""
     rng = np.random.default_rng([seed, 7])
