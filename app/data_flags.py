@@ -113,9 +113,9 @@ def define_data_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         None,
         "The most one split may keep in memory, in MiB (decoded images, or the encoded "
         "bytes of images of mixed sizes); a larger TFDS dataset or TFRecord shard set is "
-        "streamed from its files. Unset: min(1900, a quarter of the available RAM) at "
-        "start-up; set it when the data is near that, so that a resumed run chooses the "
-        "same. 0 streams every split that can stream.",
+        "streamed from its files, shuffled in windows of a quarter of this. Unset: "
+        "min(1900, a quarter of the machine's RAM); set it on clusters of unlike machines. "
+        "0 streams every split that can stream.",
         lower_bound=0,
         flag_values=flag_values,
     )

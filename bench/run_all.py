@@ -4,7 +4,9 @@ Sections: training throughput of our ResNet-50 against keras.applications.ResNet
 with the ImageNet stem; the CIFAR stem against keras.applications fed the same batches
 resized to 128x128), with MFU against matmul peaks measured in the same run; `make train`'s
 recipe in `fit` on real data against its bare step (`bench.profile_fit`); the input
-pipeline against the training step (`bench.bench_data`); inference in every exported form;
+pipeline against the training step (`bench.bench_data`), and every data source (memory, an
+image folder, streamed shards and TFDS) against the default recipe's step
+(`bench.bench_sources`); inference in every exported form;
 peak memory of a training run. About 11 minutes on the idle 2-core development machine.
 
 Usage:
@@ -135,16 +137,25 @@ def fit_section() -> str:
 
 
 def data_section() -> str:
-    from bench import bench_data
+    from bench import bench_data, bench_sources
 
     rows = bench_data.main()  # prints its own table and verdict as it goes
-    return "\n".join(
-        [
-            "### Input pipeline vs training step (`python -m bench.bench_data`)",
+    parts = [
+        "### Input pipeline vs training step (`python -m bench.bench_data`)",
+        "",
+        bench_data.report(rows),
+    ]
+    data_dir = common.default_data_dir()
+    if os.path.isdir(data_dir):  # real images to convert: the sources' rows
+        parts += [
             "",
-            bench_data.report(rows),
+            "### Every data source vs the default recipe's step (`python -m bench.bench_sources`)",
+            "",
+            bench_sources.report(bench_sources.main(data_dir)),
         ]
-    )
+    else:
+        parts += ["", f"(`bench.bench_sources` skipped: no CIFAR-10 images at {data_dir})"]
+    return "\n".join(parts)
 
 
 def inference_section() -> str:

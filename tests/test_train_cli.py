@@ -105,8 +105,16 @@ RECIPES = (
     "cifar10_qat",
     "folder_finetune",
 )
-# Left to the command line: where the data is, and limits for quick runs and image sizes.
-NOT_IN_RECIPES = {"data_dir", "train_limit", "eval_limit", "max_pixels"}
+# Left to the command line: where the data is and how it is stored (shards' label offset),
+# limits for quick runs and image sizes, and the machine's memory budget.
+NOT_IN_RECIPES = {
+    "data_dir",
+    "train_limit",
+    "eval_limit",
+    "max_pixels",
+    "label_offset",
+    "memory_budget_mb",
+}
 
 
 def test_recipes_are_complete_and_valid():

@@ -19,10 +19,11 @@ from common.errors import first_line
 from common.pixel_limits import MAX_PIXELS, too_large
 from export import image_header
 
-# Decoded images are kept in memory when they take at most this share of available RAM
+# Decoded images are kept in memory when they take at most this share of the machine's RAM
 # and at most MAX_IN_MEMORY_BYTES: CIFAR-10 (150 MB) always does, ImageNet never does. The
 # array is captured by the tf.data graph, which tf.distribute may serialize: protobuf's
-# 2 GB limit caps it.
+# 2 GB limit caps it. The total, not the available RAM: a resumed run on the same machine
+# must choose the same (in memory or streamed, and the streaming window: another order).
 MEMORY_FRACTION = 0.25
 MAX_IN_MEMORY_BYTES = 1900 << 20
 # Parallel file reads: on a cold cache, reading 50,000 small files is latency-bound.
@@ -36,16 +37,16 @@ HEADER_SAMPLE = 64
 
 def memory_budget(megabytes: int | None = None) -> int:
     """Bytes of images a split may keep in memory: `megabytes` (--memory_budget_mb) when
-    given, else min(MAX_IN_MEMORY_BYTES, MEMORY_FRACTION of the available RAM)."""
+    given, else min(MAX_IN_MEMORY_BYTES, MEMORY_FRACTION of the machine's RAM)."""
     if megabytes is not None:
         return int(megabytes) << 20
     try:
         import psutil
 
-        available = psutil.virtual_memory().available
+        total = psutil.virtual_memory().total
     except ImportError:  # pragma: no cover - psutil is pinned
-        available = 4 << 30
-    return int(min(MAX_IN_MEMORY_BYTES, MEMORY_FRACTION * available))
+        total = 16 << 30
+    return int(min(MAX_IN_MEMORY_BYTES, MEMORY_FRACTION * total))
 
 
 def _header_shape(path: str, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:

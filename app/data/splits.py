@@ -170,6 +170,11 @@ def finish(raw: RawSplits, config: DataConfig) -> Splits:
 
     def in_memory(ex: Examples) -> Examples:
         ex = dataclasses.replace(ex, max_pixels=config.max_pixels)
+        if ex.streamed:
+            window = stream.window_bytes(budget)
+            ex = dataclasses.replace(
+                ex, records=dataclasses.replace(ex.records, window_bytes=window)
+            )
         read = read_if_fits(ex, budget)
         return decode_if_fits(read, None if read is not ex else raw.fixed_shape, budget)
 

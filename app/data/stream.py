@@ -1,6 +1,7 @@
 """Streaming from TFRecord files (`RecordSet`): training epochs that are a function of
 (seed, epoch) and resume without decoding what was trained, per-worker file sharding, and
-in-order evaluation. Nothing holds more than one shuffle window of serialized records.
+in-order evaluation. A pipeline holds one or two shuffle windows of serialized records (a
+quarter of the memory budget each, 4 to 512 MB), never the dataset.
 
 Training, for input pipeline (worker) w of P:
 * its files: a fixed assignment, the same every epoch: largest file first onto the
@@ -14,8 +15,8 @@ Training, for input pipeline (worker) w of P:
   steps * G / P records are trained on. Every seed is (seed, e, w): nothing depends on
   TensorFlow's global seed or on how often the dataset was iterated;
 * resuming at step s (s * G / P records into the epoch) starts every lane at the first
-  record of the window holding that position, which reads that window again (at most
-  WINDOW_BYTES of serialized records, parsed and decoded never) and walks the record
+  record of the window holding that position, which reads that window again (about
+  `window_bytes` of serialized records, parsed and decoded never) and walks the record
   headers before each lane's start (`TFRecordDataset.skip`: no payload is parsed).
 
 Records are checked as they come: a record that fails its CRC or cannot be read, a label
@@ -45,9 +46,17 @@ from models.preprocessing import Preprocessing, resize
 
 # Lanes read in parallel per pipeline: where a window's records come from.
 LANES = 32
-# A shuffle window: at most this many serialized records, and about this many bytes.
+# A shuffle window: at most this many serialized records, and about
+# `RecordSet.window_bytes`: a quarter of the memory budget, within these bounds.
 MAX_WINDOW = 16384
-WINDOW_BYTES = 128 << 20
+WINDOW_BYTES = (4 << 20, 512 << 20)
+
+
+def window_bytes(budget: int) -> int:
+    """The shuffle window's bytes for a memory budget of `budget` bytes."""
+    return min(WINDOW_BYTES[1], max(WINDOW_BYTES[0], budget // 4))
+
+
 _CORRUPT = PIPELINE_ERROR + "{}: record {} is corrupt or unreadable; copy the file again"
 _BAD_LABEL = (
     PIPELINE_ERROR + "{}: record {} has label {} (after --label_offset={}: outside [0, {})); "
@@ -88,11 +97,11 @@ def steps_per_epoch(records: RecordSet, global_batch_size: int, pipelines: int =
     return min(sum(f.take for f in fs) for fs in assign_files(records, pipelines)) // per_pipeline
 
 
-def _window(ranges: list[RecordFile]) -> tuple[int, int]:
-    """(lanes, records per lane and window) for these ranges."""
+def _window(ranges: list[RecordFile], budget: int) -> tuple[int, int]:
+    """(lanes, records per lane and window) for these ranges and `budget` window bytes."""
     n = sum(f.take for f in ranges)
     record_bytes = max(1, sum(f.num_bytes for f in ranges) // max(1, n))
-    window = min(MAX_WINDOW, max(1, WINDOW_BYTES // record_bytes))
+    window = min(MAX_WINDOW, max(1, budget // record_bytes))
     lanes = max(1, min(LANES, n))
     return lanes, max(1, window // lanes)
 
@@ -167,7 +176,7 @@ def train_records(
     mine = assign_files(records, pipelines)[pipeline_id]
     total = sum(f.take for f in mine)
     used = steps * per_pipeline
-    lanes, block = _window(mine)
+    lanes, block = _window(mine, records.window_bytes)
     window = lanes * block
     paths = tf.constant([f.path for f in mine])
     skips = tf.constant([f.skip for f in mine], tf.int64)
@@ -260,7 +269,14 @@ def eval_records(
         return preprocessing(tf.ensure_shape(resize(image, size), [size, size, 3])), label
 
     ds = ds.map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(per_replica)
+    # Known, so that Keras need not find the end of validation by running out of data.
+    n = records.num_examples
+    mine = sum(
+        np.array_split(np.arange(min(global_batch_size, n - start)), pipelines)[pipeline_id].size
+        for start in range(0, n, global_batch_size)
+    )
+    batches = -(-mine // per_replica)
+    return ds.batch(per_replica).apply(tf.data.experimental.assert_cardinality(batches))
 
 
 def _checked_labels(records: RecordSet, labels: np.ndarray, paths, numbers) -> np.ndarray:

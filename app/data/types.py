@@ -55,7 +55,7 @@ class DataConfig:
             shards, whose labels run from 1); None: the shards' shards.json says, else 0.
         memory_budget_mb: the most a split may take in memory (decoded images, or encoded
             bytes of images that differ in size); larger splits are streamed from their files.
-            None: min(1.9 GB, a quarter of the available RAM) at start-up; 0 streams all.
+            None: min(1.9 GB, a quarter of the machine's RAM); 0 streams all that can.
     """
 
     dataset: str = "cifar10"
@@ -97,6 +97,8 @@ class RecordSet:
         image_key: the feature holding the encoded JPEG/PNG bytes.
         label_key: the int64 class feature.
         label_offset: subtracted from every label.
+        window_bytes: about the most serialized records a training pipeline shuffles at
+            once (`app.data.stream`); set from the memory budget.
     """
 
     files: tuple[RecordFile, ...]
@@ -104,6 +106,7 @@ class RecordSet:
     image_key: str = "image/encoded"
     label_key: str = "image/class/label"
     label_offset: int = 0
+    window_bytes: int = 64 << 20
 
     @property
     def num_examples(self) -> int:
