@@ -57,11 +57,29 @@ def window_bytes(budget: int) -> int:
     return min(WINDOW_BYTES[1], max(WINDOW_BYTES[0], budget // 4))
 
 
-_CORRUPT = PIPELINE_ERROR + "{}: record {} is corrupt or unreadable; copy the file again"
-_BAD_LABEL = (
-    PIPELINE_ERROR + "{}: record {} has label {} (after --label_offset={}: outside [0, {})); "
-    "check --label_offset"
-)
+# Records are checked a chunk at a time: a function call per record would cost as much
+# as reading it.
+_CHUNK = 256
+
+
+def _corrupt(path, number) -> list:
+    """The parts of the message for a record that could not be read."""
+    return [
+        PIPELINE_ERROR,
+        path,
+        ": record ",
+        number,
+        " is corrupt or unreadable; copy the file again",
+    ]
+
+
+def _bad_label(path, number, stored, records: RecordSet) -> list:
+    """The parts of the message for a label out of range."""
+    return [
+        PIPELINE_ERROR, path, ": record ", number, " has label ", stored,
+        f" (after --label_offset={records.label_offset}: outside [0, {records.num_classes})); "
+        "check --label_offset",
+    ]  # fmt: skip
 
 
 def assign_files(records: RecordSet, pipelines: int) -> list[list[RecordFile]]:
@@ -108,21 +126,23 @@ def _window(ranges: list[RecordFile], budget: int) -> tuple[int, int]:
 
 def _read_range(path, skip, take) -> tf.data.Dataset:
     """(record, path, record number) of records [skip, skip + take) of a file; a record
-    that cannot be read (CRC, I/O) stops the pipeline naming the file."""
-    read = tf.data.TFRecordDataset(path).skip(skip).take(take).ignore_errors()
-    ends = tf.data.Dataset.from_tensors((tf.constant(b""), True))
-    # The error is ignored above only to be raised here with the file's name: the end
-    # marker then comes early, before the records that went missing.
+    that cannot be read (CRC, I/O) stops the pipeline naming the file and the record."""
+    # The error is ignored only to be raised below with the file's name: the file's records
+    # then end early, and a chunk comes short (or the end marker comes too soon).
+    read = tf.data.TFRecordDataset(path).skip(skip).take(take).ignore_errors().batch(_CHUNK)
+    end = tf.data.Dataset.from_tensors((tf.zeros([0], tf.string), True))
+    marked = read.map(lambda chunk: (chunk, False)).concatenate(end).enumerate()
 
-    def check(i, item):
-        record, end = item
-        ok = tf.logical_or(tf.logical_not(end), tf.equal(i, take))
-        message = tf.strings.format(_CORRUPT, (path, skip + i))
-        with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
-            return record, path, tf.where(end, tf.constant(-1, tf.int64), skip + i)
+    def check(j, item):
+        chunk, last = item
+        n = tf.shape(chunk, out_type=tf.int64)[0]
+        expected = tf.where(last, tf.constant(0, tf.int64), tf.minimum(take - j * _CHUNK, _CHUNK))
+        ok = tf.logical_and(tf.equal(n, expected), tf.equal(last, j * _CHUNK >= take))
+        first = skip + j * _CHUNK
+        with tf.control_dependencies([tf.debugging.Assert(ok, _corrupt(path, first + n))]):
+            return chunk, tf.fill([n], path), first + tf.range(n, dtype=tf.int64)
 
-    marked = read.map(lambda r: (r, False)).concatenate(ends).enumerate().map(check)
-    return marked.filter(lambda record, path, number: number >= 0)
+    return marked.map(check).unbatch()
 
 
 def _ranges_dataset(ranges: list[RecordFile]) -> tf.data.Dataset:
@@ -148,11 +168,10 @@ def parse_record(records: RecordSet, record, path, number, max_pixels: int):
     )
     stored = parsed[records.label_key]
     label = stored - records.label_offset
-    message = tf.strings.format(
-        _BAD_LABEL, (path, number, stored, records.label_offset, records.num_classes)
-    )
     ok = tf.logical_and(label >= 0, label < records.num_classes)
-    with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+    with tf.control_dependencies(
+        [tf.debugging.Assert(ok, _bad_label(path, number, stored, records))]
+    ):
         label = tf.cast(label, tf.int32)
     return decode_image(parsed[records.image_key], max_pixels), label
 
@@ -214,13 +233,15 @@ def train_records(
             return pieces.flat_map(_read_range)
 
         def permute(j, batch):
+            """Window j in its seeded order, with each example's augmentation numbers
+            (a function of (seed, e, pipeline, j, place in the window))."""
+            n = tf.shape(batch[0])[0]
             seed_j = tf.random.experimental.stateless_fold_in(keys[2], j)
-            perm = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(batch[0])[0]), seed_j)
-            return tuple(tf.gather(x, perm) for x in batch)
-
-        def randomness(position, item):
-            seed_p = tf.random.experimental.stateless_fold_in(keys[3], position)
-            return (tf.random.stateless_uniform([k], seed_p), *item)
+            perm = tf.random.experimental.stateless_shuffle(tf.range(n), seed_j)
+            rand = tf.random.stateless_uniform(
+                [n, k], tf.random.experimental.stateless_fold_in(keys[3], j)
+            )
+            return (rand, *(tf.gather(x, perm) for x in batch))
 
         begins = (lane_start + done * block + rotation) % total
         lengths = tf.maximum(lane_length - done * block, 0)
@@ -228,8 +249,7 @@ def train_records(
             lane, lanes, 1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
         ds = ds.batch(window).enumerate(start=done).map(permute).unbatch()
-        ds = ds.take(used - done * window).skip(first - done * window)
-        return ds.enumerate(start=first).map(randomness)
+        return ds.take(used - done * window).skip(first - done * window)
 
     def element(rand, record, path, number):
         image, label = parse_record(records, record, path, number, examples.max_pixels)
@@ -284,12 +304,8 @@ def _checked_labels(records: RecordSet, labels: np.ndarray, paths, numbers) -> n
     bad = np.flatnonzero((labels < 0) | (labels >= records.num_classes))
     if bad.size:
         i = bad[0]
-        raise DataError(
-            _BAD_LABEL[len(PIPELINE_ERROR) :].format(
-                paths[i].decode(), numbers[i], labels[i] + records.label_offset,
-                records.label_offset, records.num_classes,
-            )
-        )  # fmt: skip
+        parts = _bad_label(paths[i].decode(), numbers[i], labels[i] + records.label_offset, records)
+        raise DataError("".join(map(str, parts[1:])))
     return labels
 
 

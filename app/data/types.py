@@ -6,6 +6,7 @@ NumPy only (no TensorFlow), so flag definitions and error handling import it che
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -25,18 +26,22 @@ class DataError(ValueError):
 
 # Starts the messages of the checks inside `tf.data` pipelines (a corrupt record, a label
 # out of range), which reach the program as TensorFlow errors: `pipeline_error` finds them.
+# The checks hand `tf.debugging.Assert` the message's parts, which it formats only when the
+# check fails (formatting them for every record would cost as much as reading it).
 PIPELINE_ERROR = "bad data: "
 
 
 def pipeline_error(error: BaseException) -> str | None:
-    """The message of a data check that failed inside a `tf.data` pipeline, else None."""
+    """The message of a data check that failed inside a `tf.data` pipeline, else None.
+
+    `tf.debugging.Assert` prints its parts as `[bad data: ] [path] [: record ] [6] [...]`.
+    """
     text = str(error)
-    start = text.find(PIPELINE_ERROR)
+    start = text.find(f"[{PIPELINE_ERROR}]")
     if start < 0:
         return None
-    line = text[start + len(PIPELINE_ERROR) :].splitlines()[0]
-    # tf.strings.format quotes the strings it formats: \"path\".
-    return line.split("] ")[0].rstrip("]").replace('\\"', "").strip()
+    parts = re.findall(r"\[([^\]]*)\]", text[start:].splitlines()[0])
+    return "".join(parts)[len(PIPELINE_ERROR) :].strip()
 
 
 @dataclasses.dataclass(frozen=True)
