@@ -310,6 +310,16 @@ def write_shards(
     return numbers
 
 
+def corrupt_record(path, index: int) -> None:
+    """Flips a payload byte of record `index` of a TFRecord file: its CRC fails."""
+    raw = bytearray(path.read_bytes())
+    offset = 0
+    for _ in range(index):  # each record: a length, its CRC, the payload, the payload's CRC
+        offset += 16 + int.from_bytes(raw[offset : offset + 8], "little")
+    raw[offset + 12 + 5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
 def serve_predict_request(signatures, request):
     """What TF Serving does with a gRPC `PredictRequest`: TensorProtos in, the named
     signature of a loaded SavedModel, TensorProtos out (a `PredictResponse`)."""

@@ -1,6 +1,6 @@
 """Data larger than memory, from TFRecord shards, through `python -m app.train`: memory
-that does not grow with the data, and exact resumption after kill -9 on one process and
-on two workers.
+that does not grow with the data, exact resumption after kill -9 on one process and on
+two workers, a corrupt record and bad input said in one line.
 
 All slow: each test runs training processes. The shards are generated (3 classes of
 16x16 images, written by app.make_shards); --memory_budget_mb=0 streams them.
@@ -18,7 +18,10 @@ from app import make_shards_lib
 from app.data import DataConfig
 from tests.helpers import (
     REPO,
+    corrupt_record,
+    error_lines,
     final_digest,
+    run_program,
     run_train,
     start_train,
     train_command,
@@ -156,3 +159,32 @@ def test_training_on_data_over_the_memory_budget_uses_the_same_memory_at_4x(tmp_
         )
     print(f"peak RSS, MiB: {peaks}")  # the figure docs/large-datasets.md quotes (-s)
     assert abs(peaks[4] - peaks[1]) < 100, peaks
+
+
+def test_a_corrupt_record_stops_training_with_one_line_naming_the_shard(tmp_path):
+    write_shards(tmp_path / "data", [40, 40], size=16)
+    write_shards(tmp_path / "data", [8], split="validation", first=100, size=16)
+    corrupt_record(tmp_path / "data" / "train-00001-of-00002", 39)
+    result = run_train(tmp_path / "run", f"--data_dir={tmp_path / 'data'}", *RECIPE)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors[0].endswith(
+        "train-00001-of-00002: record 39 is corrupt or unreadable; copy the file again"
+    )
+
+
+def test_make_shards_says_what_is_wrong_in_one_line_and_writes_nothing(tmp_path):
+    write_folder(tmp_path / "images")
+    (tmp_path / "images" / "cat" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    out = tmp_path / "out"
+    for args, message in (
+        ([f"--data_dir={tmp_path / 'images'}"], "--output_dir is required"),
+        ([f"--data_dir={tmp_path / 'missing'}", f"--output_dir={out}"], "does not exist"),
+        ([f"--data_dir={tmp_path / 'images'}", f"--output_dir={out}"], "cat/1.png"),
+    ):
+        result = run_program("app.make_shards", *args, "--verbose=0")
+        errors = error_lines(result.stderr)
+        assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+        assert message in errors[0] and "Traceback" not in result.stderr
+    assert not (out / "labels.txt").exists()

@@ -16,7 +16,14 @@ from app.data import DataConfig, DataError, stream
 from app.data.types import pipeline_error
 from common import files
 from models.preprocessing import Preprocessing
-from tests.helpers import image_number, numbered_image, shard_record, write_folder, write_shards
+from tests.helpers import (
+    corrupt_record,
+    image_number,
+    numbered_image,
+    shard_record,
+    write_folder,
+    write_shards,
+)
 
 IDENTITY = Preprocessing(image_size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -186,13 +193,7 @@ def test_only_test_shards_are_evaluation_data(tmp_path):
 
 def test_a_corrupt_record_met_mid_run_stops_it_naming_the_shard(tmp_path):
     write_shards(tmp_path, [10, 10])
-    path = tmp_path / "train-00001-of-00002"
-    raw = bytearray(path.read_bytes())
-    offset = 0
-    for _ in range(6):  # to record 6: each is a length, its CRC, the payload, its CRC
-        offset += 16 + int.from_bytes(raw[offset : offset + 8], "little")
-    raw[offset + 12 + 5] ^= 0xFF  # a payload byte: its CRC no longer matches
-    path.write_bytes(bytes(raw))
+    corrupt_record(tmp_path / "train-00001-of-00002", 6)
     splits = streamed(tmp_path, validation_split=0.1)
     with pytest.raises(tf.errors.InvalidArgumentError) as raised:
         for _ in data.train_dataset(splits.train, IDENTITY, 2, seed=0, augment=False).take(20):
