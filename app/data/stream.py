@@ -57,9 +57,17 @@ def window_bytes(budget: int) -> int:
     return min(WINDOW_BYTES[1], max(WINDOW_BYTES[0], budget // 4))
 
 
-# Records are checked a chunk at a time: a function call per record would cost as much
-# as reading it.
+# Records are checked a chunk at a time, a function call per record costing as much as
+# reading it: up to this many records, and about this many bytes (a chunk per lane).
 _CHUNK = 256
+_CHUNK_BYTES = 1 << 20
+
+
+def _chunk(ranges: list[RecordFile]) -> int:
+    """Records per chunk for records of these ranges' mean size."""
+    n = sum(f.take for f in ranges)
+    record_bytes = max(1, sum(f.num_bytes for f in ranges) // max(1, n))
+    return max(1, min(_CHUNK, _CHUNK_BYTES // record_bytes))
 
 
 def _corrupt(path, number) -> list:
@@ -124,23 +132,24 @@ def _window(ranges: list[RecordFile], budget: int) -> tuple[int, int]:
     return lanes, max(1, window // lanes)
 
 
-def _read_range(path, skip, take) -> tf.data.Dataset:
-    """(record, path, record number) of records [skip, skip + take) of a file; a record
-    that cannot be read (CRC, I/O) stops the pipeline naming the file and the record."""
+def _read_range(path, skip, take, chunk: int) -> tf.data.Dataset:
+    """(record, path, record number) of records [skip, skip + take) of a file, read
+    `chunk` at a time; a record that cannot be read (CRC, I/O) stops the pipeline naming
+    the file and the record."""
     # The error is ignored only to be raised below with the file's name: the file's records
     # then end early, and a chunk comes short (or the end marker comes too soon).
-    read = tf.data.TFRecordDataset(path).skip(skip).take(take).ignore_errors().batch(_CHUNK)
+    read = tf.data.TFRecordDataset(path).skip(skip).take(take).ignore_errors().batch(chunk)
     end = tf.data.Dataset.from_tensors((tf.zeros([0], tf.string), True))
-    marked = read.map(lambda chunk: (chunk, False)).concatenate(end).enumerate()
+    marked = read.map(lambda records: (records, False)).concatenate(end).enumerate()
 
     def check(j, item):
-        chunk, last = item
-        n = tf.shape(chunk, out_type=tf.int64)[0]
-        expected = tf.where(last, tf.constant(0, tf.int64), tf.minimum(take - j * _CHUNK, _CHUNK))
-        ok = tf.logical_and(tf.equal(n, expected), tf.equal(last, j * _CHUNK >= take))
-        first = skip + j * _CHUNK
+        records, last = item
+        n = tf.shape(records, out_type=tf.int64)[0]
+        expected = tf.where(last, tf.constant(0, tf.int64), tf.minimum(take - j * chunk, chunk))
+        ok = tf.logical_and(tf.equal(n, expected), tf.equal(last, j * chunk >= take))
+        first = skip + j * chunk
         with tf.control_dependencies([tf.debugging.Assert(ok, _corrupt(path, first + n))]):
-            return chunk, tf.fill([n], path), first + tf.range(n, dtype=tf.int64)
+            return records, tf.fill([n], path), first + tf.range(n, dtype=tf.int64)
 
     return marked.map(check).unbatch()
 
@@ -154,7 +163,7 @@ def _ranges_dataset(ranges: list[RecordFile]) -> tf.data.Dataset:
             tf.constant([f.skip for f in ranges], tf.int64),
             tf.constant([f.take for f in ranges], tf.int64),
         )
-    ).flat_map(_read_range)
+    ).flat_map(lambda path, skip, take: _read_range(path, skip, take, _chunk(ranges)))
 
 
 def parse_record(records: RecordSet, record, path, number, max_pixels: int):
@@ -196,6 +205,7 @@ def train_records(
     total = sum(f.take for f in mine)
     used = steps * per_pipeline
     lanes, block = _window(mine, records.window_bytes)
+    chunk = _chunk(mine)
     window = lanes * block
     paths = tf.constant([f.path for f in mine])
     skips = tf.constant([f.skip for f in mine], tf.int64)
@@ -230,7 +240,7 @@ def train_records(
                     tf.boolean_mask(high - low, keep),
                 )
             )
-            return pieces.flat_map(_read_range)
+            return pieces.flat_map(lambda p, s, t: _read_range(p, s, t, chunk))
 
         def permute(j, batch):
             """Window j in its seeded order, with each example's augmentation numbers
@@ -341,7 +351,8 @@ def slice_ranges(records: RecordSet, start: int, stop: int) -> list[RecordFile]:
     for f in records.files:
         low, high = max(start, offset), min(stop, offset + f.take)
         if high > low:
-            out.append(RecordFile(f.path, f.skip + low - offset, high - low, 0))
+            share = f.num_bytes * (high - low) // max(1, f.take)
+            out.append(RecordFile(f.path, f.skip + low - offset, high - low, share))
         offset += f.take
     return out
 
@@ -355,5 +366,5 @@ def sample_ranges(records: RecordSet, n: int, seed: int) -> list[RecordFile]:
         f = records.files[order[i % len(order)]]
         offset = i // len(order)
         if offset < f.take:
-            picked.append(RecordFile(f.path, f.skip + offset, 1, 0))
+            picked.append(RecordFile(f.path, f.skip + offset, 1, f.num_bytes // max(1, f.take)))
     return picked
