@@ -1,7 +1,7 @@
 """README.md's short tour runs as written: its commands, in order, each exiting 0.
 
 "As written" is bent only as BENT says: tiny data and one short epoch, TF Serving's container
-replaced by the project's stand-in of its REST API (tests.helpers.serving_rest) on the port
+replaced by the project's stand-in of its REST API (tests.serving_stand_in.serving_rest) on the port
 the `docker run` line publishes, serving the folder it mounts.
 """
 
@@ -19,7 +19,8 @@ from PIL import Image
 
 from export import saved_model
 from tests import docs_check
-from tests.helpers import CIFAR10_CLASSES, REPO, require_cifar10, serving_rest
+from tests.helpers import CIFAR10_CLASSES, REPO, require_cifar10
+from tests.serving_stand_in import serving_rest
 
 TOUR_HEADING = "## A short tour"
 PER_CLASS = 8  # images per class in the tiny copy of CIFAR-10

@@ -23,7 +23,8 @@ import tensorflow as tf
 from common.errors import UsageError
 from export import client, saved_model
 from models import preprocessing as preprocessing_lib
-from tests.helpers import encode, keras_reference, random_images, serve_predict_request, tiny_model
+from tests.helpers import encode, keras_reference, random_images, tiny_model
+from tests.serving_stand_in import serve_predict_request
 
 CLASSES = [f"class_{i}" for i in range(10)]  # the resnet18 fixture's
 

@@ -34,10 +34,9 @@ from tests.helpers import (
     encode,
     random_images,
     save_bundle,
-    serve_predict_request,
-    serving_rest,
     tiny_model,
 )
+from tests.serving_stand_in import serve_predict_request, serving_rest
 
 CLASSES = [f"class_{i}" for i in range(10)]
 MODEL_NAME = "resnet"

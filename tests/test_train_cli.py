@@ -107,14 +107,7 @@ RECIPES = (
 )
 # Left to the command line: where the data is and how it is stored (shards' label offset),
 # limits for quick runs and image sizes, and the machine's memory budget.
-NOT_IN_RECIPES = {
-    "data_dir",
-    "train_limit",
-    "eval_limit",
-    "max_pixels",
-    "label_offset",
-    "memory_budget_mb",
-}
+NOT_IN_RECIPES = set("data_dir label_offset memory_budget_mb train_limit eval_limit max_pixels".split())
 
 
 def test_recipes_are_complete_and_valid():
