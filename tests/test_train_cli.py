@@ -96,18 +96,17 @@ print(json.dumps({"recorded": train._RECORDED, "rows": rows}))
             assert flag[bound] == meta.get(bound), (bound, row)
 
 
-RECIPES = (
-    "cifar10_tutorial",
-    "cifar10_finetune",
-    "cifar10_scratch",
-    "cifar10_cpu_quick",
-    "cifar10_resnet50_quick",
-    "cifar10_qat",
-    "folder_finetune",
-)
+RECIPES = sorted(p.stem for p in (REPO / "app" / "configs").glob("*.flags"))
 # Left to the command line: where the data is and how it is stored (shards' label offset),
 # limits for quick runs and image sizes, and the machine's memory budget.
-NOT_IN_RECIPES = set("data_dir label_offset memory_budget_mb train_limit eval_limit max_pixels".split())
+NOT_IN_RECIPES = {
+    "data_dir",
+    "label_offset",
+    "memory_budget_mb",
+    "train_limit",
+    "eval_limit",
+    "max_pixels",
+}
 
 
 def test_recipes_are_complete_and_valid():
