@@ -15,7 +15,8 @@ Usage (from the repository root):
     python -m app.train --flagfile=runs/cpu_quick/flags.txt --model_dir=runs/again
 
 Several machines: the same command on each, with TF_CONFIG set and
---strategy=multi_worker_mirrored (see BUILD.md).
+--strategy=multi_worker_mirrored (see docs/training.md, Several machines). Data larger than
+memory: docs/large-datasets.md; runs and data in a bucket (gs://): docs/buckets.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Layers the ResNet builders use beyond stock Keras: same configs, weights and names.
 
-Both exist for training speed on CPUs (`make bench`; BUILD.md, Benchmarks) and compute exactly
-what the stock layer computes; checkpoints and ImageNet weights are interchangeable.
+Both exist for training speed on CPUs (docs/design.md, The network; `make bench`) and
+compute exactly what the stock layer computes; checkpoints and ImageNet weights are
+interchangeable.
 """
 
 from __future__ import annotations

@@ -146,7 +146,8 @@ class TrainConfig:
         "also runs the model with weights and activations rounded as full-int8 LiteRT rounds "
         "them, and trains that twin towards the float model's probabilities (batch norm "
         "frozen, float32: needs --mixed_precision=none or auto). best.keras stays a plain float "
-        "model. A few epochs at a small --lr (e.g. 0.005); see BUILD.md, Export.",
+        "model. A few epochs at a small --lr (e.g. 0.005); see docs/export.md, "
+        "Quantization-aware fine-tuning.",
     )
     qat_weight: float = _setting(
         1.0,
@@ -303,7 +304,7 @@ def check_config(config: TrainConfig) -> None:
         raise UsageError(
             "--strategy=multi_worker_mirrored needs the TF_CONFIG environment variable "
             '(e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, "task": '
-            '{"type": "worker", "index": 0}}); see BUILD.md'
+            '{"type": "worker", "index": 0}}); see docs/training.md, Several machines'
         )
 
 

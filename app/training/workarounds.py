@@ -46,10 +46,15 @@ def configure_coordination_service(heartbeat_timeout: float, register_timeout: f
     try:
         cluster = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
     except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"TF_CONFIG is not a valid cluster description ({e}); see BUILD.md") from e
+        raise UsageError(
+            f"TF_CONFIG is not a valid cluster description ({e}); see docs/training.md, "
+            "Several machines"
+        ) from e
     jobs = [j for j in ("chief", "worker") if j in cluster.jobs]
     if not jobs:
-        raise UsageError("TF_CONFIG names no chief or worker tasks; see BUILD.md")
+        raise UsageError(
+            "TF_CONFIG names no chief or worker tasks; see docs/training.md, Several machines"
+        )
     context.context().configure_coordination_service(
         service_type="standalone",
         service_leader=multi_worker_util.coordination_leader(cluster),
