@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import tensorflow as tf
 
@@ -137,13 +139,16 @@ _TINY_JPEG_HEADER = (
 _inspect_graph = tf.function(_inspect, input_signature=[tf.TensorSpec([], tf.string)])
 
 
-def decode_image(encoded: tf.Tensor, max_pixels: int = MAX_PIXELS) -> tf.Tensor:
+def decode_image(
+    encoded: tf.Tensor, max_pixels: int = MAX_PIXELS, where: Sequence = ()
+) -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP/WebP -> uint8 [h, w, 3], refusing images over `max_pixels`.
 
     The size is read from the header first, so an image over the limit (a decompression
     bomb: a small file declaring a huge image) is refused before anything is allocated, with
     an InvalidArgumentError (TF Serving: INVALID_ARGUMENT) that says how large it is.
-    Grayscale and RGBA become RGB; an animated GIF gives its first frame.
+    Grayscale and RGBA become RGB; an animated GIF gives its first frame. `where`: tensors
+    and strings put before the refusal in a graph's Assert (which record of which file).
     """
     size, frames = _inspect(encoded)
     if tf.executing_eagerly():  # an eager Assert words its error differently
@@ -154,11 +159,12 @@ def decode_image(encoded: tf.Tensor, max_pixels: int = MAX_PIXELS) -> tf.Tensor:
         if message:
             raise tf.errors.InvalidArgumentError(None, None, message)
         return _decode_rgb(encoded)
-    known = tf.debugging.Assert(size[0] >= 0, [UNKNOWN_FORMAT])
+    where = list(where)
+    known = tf.debugging.Assert(size[0] >= 0, [*where, UNKNOWN_FORMAT])
     message = tf.strings.format(TOO_LARGE, (size[1], size[0], max_pixels))
-    small = tf.debugging.Assert(size[0] * size[1] <= max_pixels, [message])
+    small = tf.debugging.Assert(size[0] * size[1] <= max_pixels, [*where, message])
     gif_message = tf.strings.format(GIF_TOO_LARGE, (frames, max_pixels))
-    few_frames = tf.debugging.Assert((frames >= 0) & (frames <= max_pixels), [gif_message])
+    few_frames = tf.debugging.Assert((frames >= 0) & (frames <= max_pixels), [*where, gif_message])
     with tf.control_dependencies([known, small, few_frames]):
         return _decode_rgb(encoded)
 

@@ -3,6 +3,7 @@ TFDS, every kind of bad input, and the seeded, stratified hold-out and limits.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from app import data
 from app.data import DataConfig, DataError
+from app.data.types import pipeline_error
 from models import preprocessing
 from tests.helpers import write_folder, write_png
 
@@ -142,6 +144,20 @@ def test_images_of_different_sizes_stay_files_and_are_decoded_in_the_pipeline(tm
     images, labels = data.sample_images(splits.train, 7, seed=0)
     assert len(images) == len(labels) == 7 and all(im.dtype == np.uint8 for im in images)
     assert {im.shape for im in images} == {(8, 8, 3), (12, 10, 3)}
+
+
+def test_an_image_over_the_pixel_limit_decoded_in_the_pipeline_is_named(tmp_path):
+    write_folder(tmp_path, per_class=4, size=8)
+    write_png(tmp_path / "cat" / "big.png", np.full((12, 10, 3), 200, np.uint8))
+    splits = data.load(DataConfig(data_dir=str(tmp_path), validation_split=0.2))
+    # As when start-up read only a sample of the headers: the limit is met mid-run.
+    train = dataclasses.replace(splits.train, max_pixels=63)
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        for _ in data.train_dataset(train, preprocessing.cifar(8), 4, seed=0):
+            pass
+    line = pipeline_error(raised.value)
+    assert line is not None and line.startswith(str(tmp_path)), raised.value
+    assert "pixels is over the limit of 63 pixels" in line
 
 
 def test_missing_folder(tmp_path):

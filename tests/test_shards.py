@@ -203,6 +203,17 @@ def test_a_corrupt_record_met_mid_run_stops_it_naming_the_shard(tmp_path):
         data.load(DataConfig(data_dir=str(tmp_path)))  # read into memory: the same check
 
 
+def test_an_image_over_the_pixel_limit_met_mid_run_is_named_by_shard_and_record(tmp_path):
+    write_shards(tmp_path, [10, 10], size=8)
+    splits = streamed(tmp_path, validation_split=0.1, max_pixels=63)  # every image: 64
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        for _ in data.train_dataset(splits.train, IDENTITY, 2, seed=0, augment=False):
+            pass
+    line = pipeline_error(raised.value)
+    assert line is not None, raised.value
+    assert "-of-00002: record " in line and "image of 8x8 pixels is over the limit of 63" in line
+
+
 # --- streaming: order, workers, resume ----------------------------------------------------
 
 

@@ -7,6 +7,7 @@ TensorFlow at module level: only `load` and the pipelines use it; `app.data` loa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -177,12 +178,13 @@ def _encoded_shapes(examples: Examples) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in sizes]
 
 
-def decode_image(data: tf.Tensor, max_pixels: int = MAX_PIXELS) -> tf.Tensor:
+def decode_image(data: tf.Tensor, max_pixels: int = MAX_PIXELS, where: Sequence = ()) -> tf.Tensor:
     """Encoded JPEG/PNG (bytes tensor) -> uint8 [h, w, 3]; grayscale and RGBA become RGB.
 
-    Images over `max_pixels` are refused from their header (`export.image_header.decode_image`).
+    Images over `max_pixels` are refused from their header (`export.image_header.decode_image`;
+    `where` goes before the refusal).
     """
-    return image_header.decode_image(data, max_pixels)
+    return image_header.decode_image(data, max_pixels, where)
 
 
 def _decode_array(

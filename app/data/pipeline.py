@@ -13,7 +13,7 @@ import tensorflow as tf
 from app.data import stream
 from app.data.augment import RANDOM_PER_EXAMPLE, augment_one, pad_crop_flip_batch
 from app.data.decode import decode_image
-from app.data.types import DataError, Examples
+from app.data.types import PIPELINE_ERROR, DataError, Examples
 from models.preprocessing import Preprocessing, resize
 
 
@@ -71,8 +71,9 @@ def _element_image(examples: Examples, source, index):
     item = tf.gather(source, index)
     if examples.images is not None:
         return item
-    data = tf.io.read_file(item) if examples.files is not None else item
-    return decode_image(data, examples.max_pixels)
+    if examples.files is None:
+        return decode_image(item, examples.max_pixels)
+    return decode_image(tf.io.read_file(item), examples.max_pixels, [PIPELINE_ERROR, item, ": "])
 
 
 def train_dataset(

@@ -182,7 +182,8 @@ def parse_record(records: RecordSet, record, path, number, max_pixels: int):
         [tf.debugging.Assert(ok, _bad_label(path, number, stored, records))]
     ):
         label = tf.cast(label, tf.int32)
-    return decode_image(parsed[records.image_key], max_pixels), label
+    where = [PIPELINE_ERROR, path, ": record ", number, ": "]
+    return decode_image(parsed[records.image_key], max_pixels, where), label
 
 
 def train_records(
