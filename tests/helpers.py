@@ -42,6 +42,17 @@ CIFAR10_CLASSES = [
     "ship",
     "truck",
 ]
+# The files a finished training run leaves in its model_dir (beside `logs/`).
+RUN_FILES = (
+    "best.keras",
+    "flags.txt",
+    "labels.txt",
+    "preprocessing.json",
+    "history.csv",
+    "metrics.json",
+    "curves.png",
+    "samples.png",
+)
 
 
 def require_cifar10() -> pathlib.Path:

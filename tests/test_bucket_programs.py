@@ -20,6 +20,7 @@ from app.training.backup import backup_path, read_state
 from app.training.callbacks import read_history_csv
 from common import files
 from models import preprocessing
+from tests import helpers
 from tests.helpers import (
     final_digest,
     program_flags,
@@ -49,17 +50,7 @@ TRAIN = (
     "--deterministic",
     "--verbose=0",
 )
-RUN_FILES = {
-    "best.keras",
-    "flags.txt",
-    "labels.txt",
-    "preprocessing.json",
-    "history.csv",
-    "metrics.json",
-    "curves.png",
-    "samples.png",
-    "logs",
-}
+RUN_FILES = {*helpers.RUN_FILES, "logs"}
 
 
 @pytest.fixture

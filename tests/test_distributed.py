@@ -157,6 +157,18 @@ def stop(procs) -> None:
         p.wait(timeout=60)
 
 
+def finish_workers(procs, logs) -> list[str]:
+    """Waits for `start_workers`' processes to succeed; returns their logs."""
+    try:
+        for p in procs:
+            p.wait(timeout=400)
+    finally:
+        stop(procs)
+    out = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], out
+    return out
+
+
 def resumed_position(log_text: str) -> tuple[int, int] | None:
     """(epoch 0-based, step) from the `Resuming from ...` line, if any."""
     for line in log_text.splitlines():
@@ -212,13 +224,7 @@ def test_two_workers_train_together_fail_fast_when_one_dies_and_resume(
 
     logs = [tmp_path / "w0b.log", tmp_path / "w1b.log"]
     procs = start_workers([model_dir, model_dir], flags, logs, (None, worker_tmp))
-    try:
-        for p in procs:
-            p.wait(timeout=400)
-    finally:
-        stop(procs)
-    out = [log.read_text() for log in logs]
-    assert [p.returncode for p in procs] == [0, 0], out
+    out = finish_workers(procs, logs)
     assert resumed_position(out[0]) >= position  # from the last backup, not from scratch
     # Gradients were all-reduced: both workers end with bit-identical weights.
     assert final_digest(out[0]) == final_digest(out[1])

@@ -166,7 +166,8 @@ cases = {
     "serving_bytes": lambda: served.signatures["serving_bytes"](
         image_bytes=tf.constant([good, bomb])),
     "pipeline": lambda: list(pipeline.eval_dataset(files(good_path, bomb_path), pre, 2)),
-    "image_folder": lambda: decode.decode_if_fits(files(good_path, bomb_path), True),
+    "image_folder": lambda: decode.decode_if_fits(
+        files(good_path, bomb_path), True, decode.memory_budget()),
 }
 # Every path runs once on a good image first: the peak measured below is the bomb's alone.
 predict_lib.read_image(good_path)

@@ -29,7 +29,7 @@ from tests.helpers import (
     write_folder,
     write_shards,
 )
-from tests.test_distributed import resumed_position, start_workers, stop
+from tests.test_distributed import finish_workers, resumed_position, start_workers, stop
 
 pytestmark = pytest.mark.slow
 
@@ -83,15 +83,7 @@ def test_streamed_training_killed_mid_epoch_resumes_exactly(tmp_path, shards):
 
 
 def _two_workers(model_dir, flags, logs) -> list[str]:
-    procs = start_workers([model_dir, model_dir], flags, logs)
-    try:
-        for p in procs:
-            p.wait(timeout=400)
-    finally:
-        stop(procs)
-    out = [log.read_text() for log in logs]
-    assert [p.returncode for p in procs] == [0, 0], out
-    return out
+    return finish_workers(start_workers([model_dir, model_dir], flags, logs), logs)
 
 
 def test_two_workers_streaming_their_own_shards_resume_exactly_after_kill9(tmp_path, shards):

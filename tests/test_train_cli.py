@@ -23,6 +23,7 @@ from app.training import TrainConfig
 from tests.helpers import (
     CIFAR10_CLASSES,
     REPO,
+    RUN_FILES,
     error_lines,
     final_digest,
     history_rows,
@@ -197,16 +198,7 @@ def test_training_writes_every_file_learns_and_flags_txt_reproduces_it(tmp_path,
     model_dir = tmp_path / "run"
     result = run_train(model_dir, f"--data_dir={cifar10_dir}", *LEARNING_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in (
-        "best.keras",
-        "flags.txt",
-        "labels.txt",
-        "preprocessing.json",
-        "history.csv",
-        "metrics.json",
-        "samples.png",
-        "curves.png",
-    ):
+    for name in RUN_FILES:
         assert (model_dir / name).is_file(), name
     assert not (model_dir / "backup").exists()  # removed once finished
 

@@ -152,16 +152,7 @@ def load_tfds(name: str, data_dir: str | None, budget: int) -> RawSplits:
             origin=f"{where}: {name}[{split}]",
         )
         splits[split] = examples
-    if "train" not in splits:
-        raise DataError(f"TFDS {name} has no 'train' split (it has {', '.join(info.splits)})")
-    return RawSplits(
-        splits["train"],
-        splits.get("validation"),
-        splits.get("test"),
-        class_names,
-        SOURCE_TFDS,
-        fixed_shape=None not in features[image_key].shape,
-    )
+    return _raw_splits(splits, name, info, class_names, None not in features[image_key].shape)
 
 
 def _streamed(builder, name: str, where: str, image_key: str, label_key: str, class_names):
@@ -189,6 +180,11 @@ def _streamed(builder, name: str, where: str, image_key: str, label_key: str, cl
             records=RecordSet(ranges, len(class_names), image_key, label_key),
             origin=f"{where}: {name}[{split}]",
         )
+    return _raw_splits(splits, name, info, class_names, fixed_shape=False)
+
+
+def _raw_splits(splits: dict, name: str, info, class_names, fixed_shape: bool) -> RawSplits:
+    """The splits found; a dataset without a train split is refused."""
     if "train" not in splits:
         raise DataError(f"TFDS {name} has no 'train' split (it has {', '.join(info.splits)})")
     return RawSplits(
@@ -197,5 +193,5 @@ def _streamed(builder, name: str, where: str, image_key: str, label_key: str, cl
         splits.get("test"),
         class_names,
         SOURCE_TFDS,
-        fixed_shape=False,
+        fixed_shape=fixed_shape,
     )
